@@ -1,0 +1,278 @@
+"""A lean Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+Parameter names and the RoPE convention match transformers' `LlamaForCausalLM`, so a
+state dict saved from `GPT` loads there unchanged (`to_hf_config` gives the config). We
+keep our own module instead of using transformers' class because it trains faster at
+the sizes fledge targets on CPU (docs/benchmarks.md has the numbers) and keeps
+generation with a KV cache in one short file.
+
+Reads top to bottom: config, norm, rotary embedding, attention, MLP, block, model, generate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0          # 0: same as n_heads (plain multi-head attention)
+    dim: int = 128
+    hidden_dim: int = 0          # 0: 8/3 * dim rounded up to a multiple of 32
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    bos_id: int | None = None
+    eos_id: int | None = None
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        if not self.hidden_dim:
+            self.hidden_dim = 32 * math.ceil(8 * self.dim / 3 / 32)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables in transformers' half-rotation layout: (T, head_dim) = [freqs, freqs]."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        t = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)                       # (T, head_dim/2)
+        emb = torch.cat([freqs, freqs], dim=-1)                # (T, head_dim)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, start: int, length: int):
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+
+def apply_rotary(x, cos, sin):
+    # x: (B, n_heads, T, head_dim); cos, sin: (T, head_dim)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def causal_attention_math(q, k, v, dropout: float):
+    """Plain causal attention. On CPU in bf16, PyTorch's flash kernel runs its backward 3-4x
+    slower than these three ops at short lengths (docs/benchmarks.md); softmax stays in fp32."""
+    T = q.shape[2]
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))   # (B, n_heads, T, T)
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    probs = scores.float().masked_fill(mask, float("-inf")).softmax(-1).to(v.dtype)
+    if dropout:
+        probs = F.dropout(probs, dropout)
+    return probs @ v                                                      # (B, n_heads, T, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self.dropout = c.dropout
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        # One matmul for q, k and v: fewer kernel launches matter at small widths.
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        q, k, v = F.linear(x, w).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, n_heads, T, head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, n_kv_heads, T, head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is not None and T == 1:                 # decoding: attend to everything cached
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        elif k.shape[2] != T:                            # prefill after cached tokens: offset causal mask
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif x.device.type == "cpu" and q.dtype != torch.float32 and T <= 512 and not gqa:
+            y = causal_attention_math(q, k, v, self.dropout if self.training else 0.0)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(c.hidden_dim, c.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.mlp = MLP(c)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, layer))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Decoder(nn.Module):
+    """The body, named like transformers' `LlamaModel` (`model.` prefix in the state dict)."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = c = config
+        self.model = Decoder(c)
+        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(c.head_dim, c.max_seq_len, c.rope_theta)
+        self.apply(self._init_weights)
+        # Scaled init of the residual projections (GPT-2): keeps the residual stream's variance flat.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=c.init_std / math.sqrt(2 * c.n_layers))
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None):
+        """idx: (B, T) token ids. Returns logits (B, T, vocab) and, given targets, the mean loss."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rotary(start, T)
+        x = self.model.embed_tokens(idx)                        # (B, T, dim)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, cache, i)
+        x = self.model.norm(x)
+        if cache is not None:
+            cache.length += T
+        if targets is None:
+            return self.lm_head(x), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight plus attention scores (PaLM appendix B)."""
+        c = self.config
+        return 6 * self.num_parameters(non_embedding=True) + 6 * c.n_layers * c.dim * seq_len
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_id: int | None = None, generator: torch.Generator | None = None):
+        """Yields one (B, 1) tensor of new tokens at a time, reusing a KV cache."""
+        was_training = self.training
+        self.eval()
+        B, T = idx.shape
+        total = min(T + max_new_tokens, self.config.max_seq_len)
+        if T >= total:
+            idx = idx[:, -(self.config.max_seq_len - 1):]
+            T = idx.shape[1]
+            total = self.config.max_seq_len
+        cache = KVCache(self, B, total, idx.device)
+        logits, _ = self(idx, cache=cache)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        try:
+            for _ in range(min(max_new_tokens, total - T)):
+                nxt = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)   # (B, 1)
+                if eos_id is not None:
+                    nxt = torch.where(done[:, None], torch.full_like(nxt, eos_id), nxt)
+                    done |= nxt[:, 0] == eos_id
+                yield nxt
+                if bool(done.all()) or cache.length >= total:
+                    return
+                logits, _ = self(nxt, cache=cache)
+        finally:
+            self.train(was_training)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (B, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, model: GPT, batch: int, max_len: int, device):
+        c = model.config
+        dtype = next(model.parameters()).dtype
+        shape = (c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def update(self, layer: int, k, v):
+        T = k.shape[2]
+        self.k[layer, :, :, self.length:self.length + T] = k
+        self.v[layer, :, :, self.length:self.length + T] = v
+        return self.k[layer, :, :, :self.length + T], self.v[layer, :, :, :self.length + T]
+
+
+def sample_next(logits, temperature: float, top_k: int, top_p: float, generator=None):
+    """logits: (B, vocab) -> (B, 1) token ids. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p     # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)

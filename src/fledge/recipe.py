@@ -1,0 +1,346 @@
+"""One recipe: a YAML file validated into a tree of typed dataclasses.
+
+    recipe = load_recipe("recipes/shakespeare-char.yaml", overrides=["train.lr=3e-4"])
+
+Every field has a default, a type and a one-line help text (`fledge recipe keys` prints
+them all). Validation happens once, at load time, and reports every problem together:
+unknown keys come with the closest valid name, bad values name the key and the allowed
+range. Stages receive the typed sub-configs (`recipe.train`, `recipe.model`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fledge.errors import RecipeError
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+           max: float | None = None) -> Any:
+    """A recipe field: its default, one line of help, and the values it allows."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    sources: list = option([], "text files, folders or globs (.txt, .md, .jsonl); relative to the working directory")
+    text_field: str = option("text", "field holding the text in .jsonl sources")
+    strip_gutenberg: bool = option(False, "cut Project Gutenberg headers and footers (*** START/END OF ...)")
+    on_decode_error: str = option("error", "what to do with bytes that are not UTF-8", choices=("error", "replace"))
+    val_fraction: float = option(0.1, "share of the corpus held out for validation", min=0.0, max=0.5)
+    split_seed: int = option(1234, "seed of the document-level train/val split")
+    shard_tokens: int = option(100_000_000, "tokens per shard file", min=1000)
+    prepared_dir: str = option("", "where tokenizer, shards and manifest go; empty: <run_dir>/data")
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = option("bpe", "byte-level BPE, SentencePiece, or one token per character",
+                       choices=("bpe", "sentencepiece", "char"))
+    vocab_size: int = option(4096, "vocabulary size including special tokens (char: an upper bound)", min=8,
+                             max=2**32 - 1)
+    train_bytes: int = option(200_000_000, "at most this many bytes of the corpus train the tokenizer",
+                              min=1000)
+    path: str = option("", "use this saved tokenizer file instead of training one")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = option("llama", "registered architecture name, or 'package.module:function' for your own")
+    preset: str = option("", "named size (see `fledge recipe keys`); keys set here override it")
+    n_layers: int = option(4, "transformer blocks", min=1)
+    n_heads: int = option(4, "attention heads", min=1)
+    n_kv_heads: int = option(0, "key/value heads for grouped-query attention; 0: same as n_heads", min=0)
+    dim: int = option(128, "hidden width", min=8)
+    hidden_dim: int = option(0, "MLP width; 0: 8/3 of dim rounded up to a multiple of 32", min=0)
+    max_seq_len: int = option(1024, "longest sequence the model supports", min=8)
+    rope_theta: float = option(10000.0, "RoPE base", min=1.0)
+    norm_eps: float = option(1e-5, "RMSNorm epsilon", min=0.0)
+    tie_embeddings: bool = option(True, "share input embedding and output head weights")
+    dropout: float = option(0.0, "dropout after attention and MLP", min=0.0, max=1.0)
+    init_std: float = option(0.02, "std of the normal weight init", min=0.0)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = option(1000, "optimizer steps", min=1)
+    batch_size: int = option(12, "sequences per micro-batch on each process", min=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
+    block_size: int = option(64, "tokens per training sequence", min=2)
+    lr: float = option(1e-3, "peak learning rate", min=0.0)
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay", min=0.0)
+    warmup_steps: int = option(100, "linear warmup steps", min=0)
+    schedule: str = option("cosine", "learning-rate shape after warmup", choices=("cosine", "linear", "constant"))
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices (not norms or biases)", min=0.0)
+    beta1: float = option(0.9, "AdamW beta1", min=0.0, max=1.0)
+    beta2: float = option(0.99, "AdamW beta2", min=0.0, max=1.0)
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0: off", min=0.0)
+    seed: int = option(1337, "seed of init, batches and dropout")
+    device: str = option("auto", "where to train; auto: cuda > mps > cpu", choices=("auto", "cpu", "cuda", "mps"))
+    precision: str = option("auto", "auto: bf16 autocast on CUDA that supports it, else fp32",
+                            choices=("auto", "fp32", "bf16", "fp16"))
+    compile: bool = option(False, "torch.compile the model (slow start, faster steps)")
+    threads: int = option(0, "CPU threads for torch; 0: one per physical core", min=0)
+    log_every: int = option(10, "steps between progress lines and metrics rows", min=1)
+    eval_every: int = option(250, "steps between validation passes; 0: only at the end", min=0)
+    eval_batches: int = option(20, "fixed validation batches per pass", min=1)
+    checkpoint_every: int = option(500, "steps between checkpoints; 0: only at the end", min=0)
+    keep_last: int = option(2, "checkpoints kept besides the best one", min=1)
+    tensorboard: bool = option(False, "also write TensorBoard logs (needs the tensorboard package)")
+
+
+@dataclass
+class SampleConfig:
+    prompts: list = option(["\n"], "fixed prompts sampled at each evaluation")
+    max_new_tokens: int = option(100, "tokens generated per sample", min=1)
+    temperature: float = option(0.8, "softmax temperature; 0: greedy", min=0.0)
+    top_k: int = option(0, "keep only the k most likely tokens; 0: off", min=0)
+    top_p: float = option(1.0, "nucleus sampling mass; 1: off", min=0.0, max=1.0)
+
+
+@dataclass
+class Recipe:
+    name: str = option("run", "run name; the run folder defaults to runs/<name>")
+    run_dir: str = option("", "run folder; empty: runs/<name>")
+    data: DataConfig = section(DataConfig, "corpus sources and how they are split")
+    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer kind and size")
+    model: ModelConfig = section(ModelConfig, "architecture and size")
+    train: TrainConfig = section(TrainConfig, "optimizer, schedule, evaluation and checkpoints")
+    sample: SampleConfig = section(SampleConfig, "sampling defaults and the prompts sampled during training")
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    @property
+    def prepared_path(self) -> Path:
+        return Path(self.data.prepared_dir) if self.data.prepared_dir else self.run_path / "data"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short hash of the named sections, to tell whether saved work still matches."""
+        d = self.to_dict()
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+
+
+# --- loading and validation -------------------------------------------------------------
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Recipe:
+    """Read a YAML recipe (or start from `base`), apply `key.path=value` overrides, validate."""
+    source = str(path) if path else "recipe"
+    raw: dict = {} if base is None else json.loads(json.dumps(base))
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"{p}: no such recipe file. Pass the path of a YAML recipe, "
+                              f"for example one under recipes/.")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise RecipeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}). Fix the syntax.") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"{p}: a recipe is a mapping of sections (data:, model:, train:, ...), "
+                              f"not a {type(loaded).__name__}.")
+        raw = _deep_merge(raw, loaded)
+    for item in overrides or []:
+        _apply_override(raw, item, source)
+    _apply_model_preset(raw)
+    problems: list[str] = []
+    recipe = _build(Recipe, raw, "", problems)
+    if not problems:
+        problems.extend(check_consistency(recipe))
+    if len(problems) == 1:
+        raise RecipeError(f"{source}: {problems[0]}")
+    if problems:
+        raise RecipeError(f"{source}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    return recipe
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apply_override(raw: dict, item: str, source: str) -> None:
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: write overrides as key.path=value, e.g. --set train.lr=3e-4")
+    key, _, text = item.partition("=")
+    value = yaml.safe_load(text) if text.strip() else ""
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise RecipeError(f"--set {item}: {part} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _apply_model_preset(raw: dict) -> None:
+    model = raw.get("model")
+    if not isinstance(model, dict) or not model.get("preset"):
+        return
+    from fledge.model.registry import PRESETS
+    name = model["preset"]
+    if name not in PRESETS:
+        return  # reported by check_consistency with the list of names
+    model.update({k: v for k, v in PRESETS[name].items() if k not in model})
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of keys, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
+            problems.append(f"unknown key {prefix}{key}{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            values[name] = _build(typ, raw[name], f"{prefix}{name}.", problems)
+        else:
+            ok, value = _coerce(raw[name], typ)
+            key = prefix + name
+            if not ok:
+                problems.append(f"{key} must be {_type_name(typ)}, got {raw[name]!r}")
+                continue
+            problem = _check_range(key, value, f.metadata)
+            if problem:
+                problems.append(problem)
+                continue
+            values[name] = value
+    return cls(**values)
+
+
+def _coerce(value: Any, typ: Any) -> tuple[bool, Any]:
+    if typ is bool:
+        return isinstance(value, bool), value
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if typ is float:
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if typ is str:
+        return isinstance(value, str), value
+    if typ is list:
+        if isinstance(value, str):
+            value = [value]
+        return isinstance(value, list), value
+    if typ is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def _type_name(typ: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(typ, str(typ))
+
+
+def _check_range(key: str, value: Any, meta: typing.Mapping) -> str | None:
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        return f"{key} is {value!r}; choose one of {', '.join(map(str, choices))}"
+    lo, hi = meta.get("min"), meta.get("max")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            rng = f"from {lo} to {hi}" if lo is not None and hi is not None else (
+                f"at least {lo}" if lo is not None else f"at most {hi}")
+            return f"{key} is {value}; it must be {rng}"
+    return None
+
+
+def check_consistency(r: Recipe) -> list[str]:
+    """Rules that tie several keys together."""
+    from fledge.model.registry import PRESETS, is_known_arch
+    out = []
+    m, t = r.model, r.train
+    if m.preset and m.preset not in PRESETS:
+        close = difflib.get_close_matches(m.preset, list(PRESETS), n=1)
+        out.append(f"model.preset {m.preset!r} is not known" + (f"; did you mean {close[0]}?" if close else "")
+                   + f" Presets: {', '.join(PRESETS)}")
+    if not is_known_arch(m.arch):
+        out.append(f"model.arch {m.arch!r} is neither a registered architecture nor a 'module:function' "
+                   f"reference; registered: llama")
+    if m.dim % m.n_heads:
+        out.append(f"model.dim ({m.dim}) must be a multiple of model.n_heads ({m.n_heads})")
+    elif (m.dim // m.n_heads) % 2:
+        out.append(f"model.dim / model.n_heads ({m.dim // m.n_heads}) must be even for RoPE")
+    if m.n_kv_heads and m.n_heads % m.n_kv_heads:
+        out.append(f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads ({m.n_kv_heads})")
+    if t.block_size > m.max_seq_len:
+        out.append(f"train.block_size ({t.block_size}) exceeds model.max_seq_len ({m.max_seq_len}), the longest "
+                   f"sequence the model supports. Lower train.block_size or raise model.max_seq_len.")
+    if t.warmup_steps > t.max_steps:
+        out.append(f"train.warmup_steps ({t.warmup_steps}) exceeds train.max_steps ({t.max_steps}). "
+                   f"Lower warmup_steps or raise max_steps.")
+    if t.min_lr > t.lr:
+        out.append(f"train.min_lr ({t.min_lr}) exceeds train.lr ({t.lr})")
+    if r.tokenizer.kind != "char" and r.tokenizer.vocab_size < 260:
+        out.append(f"tokenizer.vocab_size ({r.tokenizer.vocab_size}) is below the 256 bytes plus special tokens "
+                   f"a {r.tokenizer.kind} tokenizer needs; use at least 260 or tokenizer.kind: char")
+    return out
+
+
+def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every recipe key, for `fledge recipe keys` and docs."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            rows.append((prefix + f.name, "", f.metadata.get("help", "")))
+            rows.extend(describe_keys(typ, prefix + f.name + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        helptext = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            helptext += f" [{'|'.join(f.metadata['choices'])}]"
+        rows.append((prefix + f.name, json.dumps(default), helptext))
+    return rows
