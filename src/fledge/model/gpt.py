@@ -276,3 +276,18 @@ def sample_next(logits, temperature: float, top_k: int, top_p: float, generator=
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)
+
+
+def to_hf_config(c: GPTConfig) -> dict:
+    """A transformers `LlamaConfig` dict: `LlamaForCausalLM.from_pretrained` loads our folders as they are."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": c.vocab_size, "hidden_size": c.dim, "intermediate_size": c.hidden_dim,
+        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim, "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,  # transformers < 5
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},  # transformers >= 5
+        "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "initializer_range": c.init_std, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
+        "torch_dtype": "float32",
+    }

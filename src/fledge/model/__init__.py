@@ -1,0 +1,1 @@
+"""Model code: fledge's own decoder (`gpt.py`) and the architecture registry."""

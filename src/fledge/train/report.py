@@ -1,0 +1,121 @@
+"""What a run tells the user and writes down: progress lines, metrics.jsonl, TensorBoard.
+
+Only the main process reports. `metrics.jsonl` gets one JSON object per logged step
+(`loss`, `lr`, `tokens_per_s`, `mfu`), per evaluation (`val_loss`, `val_ppl`) and per
+sampling (`samples`). On resume, rows after the resumed step are dropped first, so the
+file always describes one continuous run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from fledge.errors import RecipeError
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Reporter:
+    def __init__(self, run_dir: Path, max_steps: int, start_step: int, enabled: bool, show_progress: bool,
+                 tensorboard: bool):
+        self.enabled = enabled
+        self.console = Console(highlight=False)
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        self.max_steps = max_steps
+        self.progress = None
+        self.writer = None
+        if not enabled:
+            return
+        truncate_metrics(self.metrics_path, start_step)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RecipeError("train.tensorboard is true but the tensorboard package is missing. "
+                                  "Install it with: pip install 'fledge[tensorboard]'") from None
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        if show_progress and self.console.is_terminal:
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console,
+                                     transient=True)
+            self.task = self.progress.add_task("train", total=max_steps, completed=start_step, info="")
+            self.progress.start()
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text)
+
+    def step(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None, elapsed: float,
+             eta: float) -> None:
+        if not self.enabled:
+            return
+        mfu_text = f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""
+        line = (f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s / 1000:.1f}k tok/s"
+                f"{mfu_text} | {format_duration(elapsed)} elapsed | ETA {format_duration(eta)}")
+        self.console.print(line)
+        if self.progress:
+            self.progress.update(self.task, completed=step, info=f"loss {loss:.3f}")
+        self.write({"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                    "elapsed_s": round(elapsed, 3)})
+        if self.writer:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr", lr, step)
+            self.writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
+
+    def evaluation(self, step: int, val_loss: float, best: bool) -> None:
+        if not self.enabled:
+            return
+        import math
+        ppl = math.exp(min(val_loss, 50))
+        self.console.print(f"[bold]eval[/] step {step} | val loss {val_loss:.4f} | ppl {ppl:.2f}"
+                           + (" | best so far" if best else ""))
+        self.write({"step": step, "val_loss": val_loss, "val_ppl": ppl})
+        if self.writer:
+            self.writer.add_scalar("val/loss", val_loss, step)
+
+    def samples(self, step: int, prompts: list[str], texts: list[str]) -> None:
+        if not self.enabled:
+            return
+        for prompt, text in zip(prompts, texts):
+            self.console.print(f"[dim]sample[/] {prompt!r} -> {text!r}", soft_wrap=True)
+        self.write({"step": step, "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, texts)]})
+
+    def write(self, row: dict) -> None:
+        row = {"time": round(time.time(), 3), **row}
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+            self.progress = None
+        if self.writer:
+            self.writer.close()
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows logged after `last_step` (work lost in a crash is redone and logged again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
