@@ -129,6 +129,8 @@ def _train(args) -> int:
 def _sample(args) -> int:
     from fledge.sample import sample
     stream = args.num_samples == 1
+    if stream:
+        print(args.prompt, end="", flush=True)
     texts = sample(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples, seed=args.seed,
                    device=args.device,

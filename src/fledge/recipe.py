@@ -222,6 +222,14 @@ def _apply_model_preset(raw: dict) -> None:
     model.update({k: v for k, v in PRESETS[name].items() if k not in model})
 
 
+# Names other trainers use (nanoGPT, transformers, llama2.c), so a user's habit gets a useful hint.
+SYNONYMS = {"learning_rate": "lr", "max_iters": "max_steps", "n_layer": "n_layers", "n_head": "n_heads",
+            "n_embd": "dim", "hidden_size": "dim", "num_hidden_layers": "n_layers",
+            "num_attention_heads": "n_heads", "intermediate_size": "hidden_dim",
+            "gradient_accumulation_steps": "grad_accum", "warmup_iters": "warmup_steps",
+            "eval_interval": "eval_every", "log_interval": "log_every", "vocab": "vocab_size"}
+
+
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     if not isinstance(raw, dict):
         problems.append(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of keys, got {raw!r}")
@@ -230,7 +238,8 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            close = [SYNONYMS[key]] if SYNONYMS.get(key) in fields else \
+                difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
             problems.append(f"unknown key {prefix}{key}{hint}")
     values = {}
@@ -344,3 +353,39 @@ def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, 
             helptext += f" [{'|'.join(f.metadata['choices'])}]"
         rows.append((prefix + f.name, json.dumps(default), helptext))
     return rows
+
+
+# --- other YAML specs ----------------------------------------------------------------------
+
+def load_config(cls: type, source: str | Path | dict, what: str,
+                finish: typing.Callable[[Any, list[str]], None] | None = None) -> Any:
+    """Validate a YAML file (or an already-read mapping) into the dataclass `cls`, as recipes are.
+
+    Used by specs that are not part of a recipe (`fledge data synth spec.yaml`, ...). `what`
+    names the file in messages when `source` is a mapping. `finish(config, problems)` may build
+    nested parts (lists of sub-specs) and add cross-key problems; every problem is reported
+    together, unknown keys with the closest valid name.
+    """
+    if isinstance(source, dict):
+        raw, name = source, what
+    else:
+        p = Path(source)
+        name = str(p)
+        if not p.is_file():
+            raise RecipeError(f"{p}: no such {what} file. Check the path.")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise RecipeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}). Fix the syntax.") from None
+        raw = {} if raw is None else raw
+    problems: list[str] = []
+    config = _build(cls, raw, "", problems)
+    if finish is not None and isinstance(raw, dict):
+        finish(config, problems)
+    if len(problems) == 1:
+        raise RecipeError(f"{name}: {problems[0]}")
+    if problems:
+        raise RecipeError(f"{name}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    return config

@@ -97,26 +97,27 @@ def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed) -> T
     interrupted = False
     if step == 0 and s.state.get("first_val_loss") is None:
         s.state["first_val_loss"] = _evaluate(s, recipe, val_windows, precision, dist, report, 0, sample=False)
-    window_start, window_steps = time.perf_counter(), 0
+    window_seconds, window_steps = 0.0, 0      # time spent in training steps since the last log line
     started = time.perf_counter() - s.state.get("elapsed_s", 0.0)
     try:
         while step < t.max_steps:
             lr = learning_rate(step, t)
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
+            step_start = time.perf_counter()
             starts = global_batch_starts(step, t.seed, train_windows, s.train_stream.n_tokens, t.block_size)
             loss = _train_step(s, recipe, starts, precision, dist, scaler)
+            window_seconds += time.perf_counter() - step_start
             step += 1
             window_steps += 1
             s.state["step"] = step
             if step % t.log_every == 0 or step == t.max_steps:
-                now = time.perf_counter()
-                per_step = (now - window_start) / window_steps
+                per_step = window_seconds / window_steps
                 tokens_per_s = tokens_per_step / per_step
                 mfu = s.raw_model.flops_per_token(t.block_size) * tokens_per_s / (peak * dist.world) if peak else None
-                report.step(step, dist.mean(loss), lr, tokens_per_s, mfu, now - started,
+                report.step(step, dist.mean(loss), lr, tokens_per_s, mfu, time.perf_counter() - started,
                             per_step * (t.max_steps - step))
-                window_start, window_steps = time.perf_counter(), 0
+                window_seconds, window_steps = 0.0, 0
             evaluate_now = (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
             improved = False
             if evaluate_now:
@@ -126,12 +127,10 @@ def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed) -> T
                 if improved:
                     s.state.update(best_val_loss=val, best_step=step)
                 report.evaluation(step, val, improved)
-                window_start = time.perf_counter()
             if improved or (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
                 s.state["elapsed_s"] = time.perf_counter() - started
                 _save(s, recipe, step, dist)
                 last_saved = step
-                window_start = time.perf_counter()
     except KeyboardInterrupt:
         interrupted = True
         if last_saved != step:

@@ -29,7 +29,7 @@ class Reporter:
     def __init__(self, run_dir: Path, max_steps: int, start_step: int, enabled: bool, show_progress: bool,
                  tensorboard: bool):
         self.enabled = enabled
-        self.console = Console(highlight=False)
+        self.console = Console(highlight=False, soft_wrap=True)
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
         self.max_steps = max_steps
         self.progress = None
@@ -54,6 +54,7 @@ class Reporter:
     def say(self, text: str) -> None:
         if self.enabled:
             self.console.print(text)
+            self.console.file.flush()
 
     def step(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float | None, elapsed: float,
              eta: float) -> None:
@@ -63,6 +64,7 @@ class Reporter:
         line = (f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s / 1000:.1f}k tok/s"
                 f"{mfu_text} | {format_duration(elapsed)} elapsed | ETA {format_duration(eta)}")
         self.console.print(line)
+        self.console.file.flush()
         if self.progress:
             self.progress.update(self.task, completed=step, info=f"loss {loss:.3f}")
         self.write({"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu,
