@@ -8,6 +8,7 @@ data from the user. The recipe is embedded below; the resolved copy is written i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sysconfig
 from pathlib import Path
@@ -26,18 +27,20 @@ QUICKSTART = {
     "sample": {"prompts": ["def ", "class Parser:\n    \"\"\""], "max_new_tokens": 60, "temperature": 0.7,
                "top_k": 40},
 }
-SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3", "ensurepip"}
+SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "idlelib", "__pycache__", "lib2to3", "ensurepip",
+             "encodings", "pydoc_data", "turtledemo", "msilib", "__phello__"}  # tests and data tables
 
 
 def stdlib_sources(max_bytes: int) -> list[Path]:
-    """Standard-library .py files in a fixed order, up to about max_bytes in total."""
+    """Standard-library .py files up to about max_bytes in total, in a fixed order that mixes
+    packages (sorted by a hash of the path), so a small corpus still spans many styles."""
     root = Path(sysconfig.get_paths()["stdlib"])
+    candidates = [p for p in root.rglob("*.py") if not SKIP_DIRS.intersection(p.relative_to(root).parts)]
+    candidates.sort(key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest())
     files, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if SKIP_DIRS.intersection(path.relative_to(root).parts):
-            continue
+    for path in candidates:
         size = path.stat().st_size
-        if size == 0 or size > 400_000:
+        if size < 500 or size > 60_000:
             continue
         files.append(path)
         total += size
