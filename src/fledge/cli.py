@@ -6,6 +6,7 @@
     fledge sample RUN --prompt "..."       # generate from a run's best checkpoint
     fledge env                             # devices, precision, threads, versions, matmul peak
     fledge recipe keys | check RECIPE      # every recipe key with its default and help; validate a recipe
+    fledge data extract|pairs|synth|check|split|merge   # shape and check training data
 
 Errors a user can fix print one line and exit non-zero; `--debug` shows the traceback.
 """
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same text")
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps")
     p.set_defaults(func=_sample)
+
+    from fledge.data.commands import register as register_data_commands
+    register_data_commands(verbs)
 
     p = verbs.add_parser("env", help="devices, precision, threads, library versions, measured matmul peak")
     p.add_argument("--no-measure", action="store_true", help="skip the matmul measurement")

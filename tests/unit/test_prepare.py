@@ -1,0 +1,368 @@
+"""prepare: shards decode back to the corpus, splits are clean and stable, re-runs reuse work,
+and every bad input gets a one-line error naming the file.
+
+    OMP_NUM_THREADS=1 pytest tests/unit/test_prepare.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from conftest import shared_data
+from fledge import prepare as prep
+from fledge.errors import DataError, FledgeError
+from fledge.prepare import load_manifest, prepare, shard_arrays
+from fledge.recipe import load_recipe
+from fledge.tokenizer import load_tokenizer
+
+WORDS = ("the of and to a in that it was he for on with as his they be at one have this from by "
+         "hot word but what some we can out other were all there when up use your how said an each "
+         "she which do their time if will way about many then them write would like so these her").split()
+
+
+def prose(seed: int, lines: int = 60) -> str:
+    rng = random.Random(seed)
+    out = []
+    for i in range(lines):
+        indent = "  " * rng.randint(0, 3) if i % 4 == 0 else ""
+        out.append(indent + " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10)))
+                   + rng.choice([".\n", ",\n", "!\r\n", " naïve 😀\n", "\n\n", "\t\n"]))
+    return "".join(out)
+
+
+def recipe(tmp_path, sources, out="prep", **data):
+    tokenizer = data.pop("tokenizer", {})
+    base = {"data": {"sources": [str(s) for s in sources], "prepared_dir": str(tmp_path / out), **data},
+            "tokenizer": {"kind": "bpe", "vocab_size": 300, **tokenizer}}
+    return load_recipe(None, base=base)
+
+
+def write(path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8", newline="")
+    return path
+
+
+def documents(out, split: str) -> list[str]:
+    """Decoded documents of a split: token runs that start at each bos."""
+    manifest, tok = load_manifest(out), load_tokenizer(out)
+    arrays = shard_arrays(out, split, manifest)
+    if not arrays:
+        return []
+    ids = np.concatenate(arrays)
+    assert ids[0] == tok.bos_id
+    starts = np.flatnonzero(ids == tok.bos_id)
+    return [tok.decode(run) for run in np.split(ids, starts)[1:]]
+
+
+def corpus(tmp_path, n: int = 4) -> list:
+    files = [write(tmp_path / "corpus" / f"doc{i}.txt", prose(i)) for i in range(n - 1)]
+    return files + [write(tmp_path / "corpus" / "sub" / "notes.md", "# Notes\n\n" + prose(99))]
+
+
+# --- shards hold exactly the corpus ------------------------------------------------------
+
+@pytest.mark.parametrize("kind,vocab_size", [("bpe", 300), ("sentencepiece", 400), ("char", 100)])
+def test_shards_decode_to_the_corpus(tmp_path, kind, vocab_size):
+    files = corpus(tmp_path)
+    r = recipe(tmp_path, [tmp_path / "corpus"], val_fraction=0.4, tokenizer={"kind": kind, "vocab_size": vocab_size})
+    manifest = prepare(r, progress=False)
+    got = documents(r.prepared_path, "train") + documents(r.prepared_path, "val")
+    assert sorted(got) == sorted(f.read_bytes().decode() for f in files)
+    assert manifest["tokenizer"]["kind"] == kind
+    assert manifest["stats"]["documents"] == len(files) == sum(s["documents"] for s in manifest["splits"].values())
+    assert [s["path"] for s in manifest["sources"]] == sorted(f.as_posix() for f in files)
+
+
+def test_file_larger_than_the_chunk_size_encodes_as_a_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "READ_BYTES", 999)  # odd size: splits multi-byte characters
+    monkeypatch.setattr(prep, "PIECE_CHARS", 200)
+    monkeypatch.setattr(prep, "BATCH_CHARS", 1000)
+    text = "".join(prose(i, 40) for i in range(6))
+    text += text.replace("\n", "\r\n") + text.replace("\n", "  \n")  # whitespace runs before newlines
+    big = write(tmp_path / "big.txt", text)
+    write(tmp_path / "small.txt", prose(50))
+    r = recipe(tmp_path, [big, tmp_path / "small.txt"], val_fraction=0.0)
+    prepare(r, progress=False)
+    tok = load_tokenizer(r.prepared_path)
+    ids = np.concatenate(shard_arrays(r.prepared_path, "train")).tolist()
+    first = ids[1:ids.index(tok.eos_id)]
+    assert tok.decode(first) == text
+    assert first == tok.encode(text)  # pieces end at pre-token boundaries: same ids as one call
+
+
+def test_shards_respect_shard_tokens(tmp_path):
+    r = recipe(tmp_path, corpus(tmp_path, 6), shard_tokens=1000, val_fraction=0.0)
+    manifest = prepare(r, progress=False)
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) > 1 and all(s["tokens"] <= 1000 for s in shards)
+    assert [s["file"] for s in shards][:2] == ["train/shard-00000.bin", "train/shard-00001.bin"]
+    for s in shards:
+        assert (r.prepared_path / s["file"]).stat().st_size == 2 * s["tokens"]  # uint16
+    assert manifest["dtype"] == "uint16"
+    assert sum(s["tokens"] for s in shards) == manifest["splits"]["train"]["tokens"]
+
+
+def test_manifest_shape(tmp_path):
+    r = recipe(tmp_path, corpus(tmp_path))
+    manifest = prepare(r, progress=False)
+    assert set(manifest) >= {"version", "dtype", "tokenizer", "splits", "split", "sources", "fingerprint"}
+    assert manifest["tokenizer"] == {
+        "file": "tokenizer.json", "kind": "bpe", "sha256": load_tokenizer(r.prepared_path).sha256,
+        "vocab_size": 300, "bos_id": 0, "eos_id": 1}
+    assert manifest["split"] == {"method": "document-hash", "val_fraction": 0.1, "seed": 1234}
+    assert json.loads((r.prepared_path / "manifest.json").read_text()) == manifest
+    assert (r.prepared_path / "recipe.yaml").is_file()
+
+
+# --- splits -------------------------------------------------------------------------------
+
+def jsonl_corpus(tmp_path, n: int = 300):
+    rows = [json.dumps({"text": f"record {i}: " + prose(i, 2), "id": i}) for i in range(n)]
+    return write(tmp_path / "rows.jsonl", "\n".join(rows) + "\n\n")
+
+
+def test_document_split_is_disjoint_and_stable(tmp_path):
+    path = jsonl_corpus(tmp_path)
+    r1 = recipe(tmp_path, [path], out="a", val_fraction=0.2)
+    m1 = prepare(r1, progress=False)
+    train, val = documents(r1.prepared_path, "train"), documents(r1.prepared_path, "val")
+    assert len(train) + len(val) == 300 and not set(train) & set(val)
+    assert 30 < len(val) < 90 and m1["splits"]["val"]["documents"] == len(val)
+    r2 = recipe(tmp_path, [path], out="b", val_fraction=0.2)
+    prepare(r2, progress=False)
+    assert documents(r2.prepared_path, "val") == val
+    r3 = recipe(tmp_path, [path], out="c", val_fraction=0.2, split_seed=7)
+    prepare(r3, progress=False)
+    assert documents(r3.prepared_path, "val") != val
+
+
+def test_val_never_empty_with_two_documents(tmp_path):
+    files = [write(tmp_path / "a.txt", prose(1)), write(tmp_path / "b.txt", prose(2))]
+    r = recipe(tmp_path, files, val_fraction=0.001)
+    manifest = prepare(r, progress=False)
+    assert manifest["splits"]["val"]["documents"] == 1 and manifest["splits"]["train"]["documents"] == 1
+
+
+def test_single_document_takes_the_last_tenth(tmp_path):
+    text = "".join(f"line {i:03d} " + "word " * (i % 7) + "\n" for i in range(400))
+    r = recipe(tmp_path, [write(tmp_path / "input.txt", text)])
+    manifest = prepare(r, progress=False)
+    assert manifest["split"]["method"] == "contiguous-tail"
+    tok = load_tokenizer(r.prepared_path)
+    train = np.concatenate(shard_arrays(r.prepared_path, "train")).tolist()
+    val = np.concatenate(shard_arrays(r.prepared_path, "val")).tolist()
+    assert train[0] == val[0] == tok.bos_id and val[-1] == tok.eos_id and tok.eos_id not in train
+    head, tail = tok.decode(train), tok.decode(val)
+    assert head + tail == text
+    assert head.endswith("\n") and text.index(tail) == len(head)
+    cut = int(len(text.encode()) * 0.9)
+    assert cut <= len(head.encode()) < cut + 40  # cut at the first line end past 90%
+    assert manifest["stats"]["documents"] == 1
+
+
+# --- re-runs --------------------------------------------------------------------------------
+
+def stamps(out) -> dict:
+    """(inode, mtime) of the tokenizer and every shard: unchanged iff the file was kept."""
+    return {p.relative_to(out).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in sorted(out.rglob("*")) if p.suffix in (".bin", ".json", ".model") and p.name != "manifest.json"}
+
+
+def test_rerun_reuses_tokenizer_and_shards(tmp_path):
+    r = recipe(tmp_path, corpus(tmp_path))
+    first = prepare(r, progress=False)
+    before = stamps(r.prepared_path)
+    assert prepare(r, progress=False) == first
+    assert stamps(r.prepared_path) == before
+
+
+def test_resume_after_crash_does_not_retrain(tmp_path):
+    r = recipe(tmp_path, corpus(tmp_path))
+    prepare(r, progress=False)
+    tokenizer = stamps(r.prepared_path)["tokenizer.json"]
+    (r.prepared_path / "manifest.json").unlink()  # as if killed while writing shards
+    prepare(r, progress=False)
+    assert stamps(r.prepared_path)["tokenizer.json"] == tokenizer
+
+
+def test_changes_outside_the_tokenizer_sample_rebuild_shards_only(tmp_path):
+    # train_bytes 1000 of ~8 KB: the sample is a.txt, the first piece of the even spread.
+    a, b = write(tmp_path / "a.txt", prose(1)), write(tmp_path / "b.txt", prose(2))
+    r = recipe(tmp_path, [a, b], tokenizer={"train_bytes": 1000})
+    first = prepare(r, progress=False)
+    tokenizer = stamps(r.prepared_path)["tokenizer.json"]
+    write(b, prose(3))
+    second = prepare(r, progress=False)
+    assert second["fingerprint"] != first["fingerprint"]
+    assert second["sources"][1]["sha256"] != first["sources"][1]["sha256"]
+    assert stamps(r.prepared_path)["tokenizer.json"] == tokenizer
+    third = prepare(recipe(tmp_path, [a, b], split_seed=5, tokenizer={"train_bytes": 1000}), progress=False)
+    assert third["fingerprint"] != second["fingerprint"]
+    assert stamps(r.prepared_path)["tokenizer.json"] == tokenizer
+    write(a, prose(4))  # the tokenizer's own training text changed: retrain
+    prepare(r, progress=False)
+    assert stamps(r.prepared_path)["tokenizer.json"] != tokenizer
+
+
+def test_changing_tokenizer_kind_replaces_the_file(tmp_path):
+    files = corpus(tmp_path)
+    prepare(recipe(tmp_path, files), progress=False)
+    r = recipe(tmp_path, files, tokenizer={"kind": "sentencepiece", "vocab_size": 400})
+    manifest = prepare(r, progress=False)
+    assert manifest["tokenizer"]["file"] == "tokenizer.model"
+    assert not (r.prepared_path / "tokenizer.json").exists()
+
+
+def test_tokenizer_path_is_copied_not_trained(tmp_path):
+    files = corpus(tmp_path)
+    donor = recipe(tmp_path, files, out="donor", tokenizer={"vocab_size": 280})
+    prepare(donor, progress=False)
+    r = recipe(tmp_path, files, tokenizer={"path": str(donor.prepared_path / "tokenizer.json")})
+    manifest = prepare(r, progress=False)
+    assert manifest["tokenizer"]["sha256"] == load_tokenizer(donor.prepared_path).sha256
+    assert manifest["tokenizer"]["vocab_size"] == 280
+
+
+# --- text handling ---------------------------------------------------------------------------
+
+def test_bom_is_stripped(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfHello\nworld\n" + prose(1).encode())
+    other = write(tmp_path / "bom.jsonl", "\ufeff" + json.dumps({"text": "x y z"}) + "\n")
+    r = recipe(tmp_path, [path, other], val_fraction=0.0)
+    prepare(r, progress=False)
+    assert sorted(documents(r.prepared_path, "train")) == sorted(["Hello\nworld\n" + prose(1), "x y z"])
+
+
+@pytest.mark.parametrize("strip", [True, False])
+def test_gutenberg_books(tmp_path, strip):
+    folder = shared_data("gutenberg")
+    books = sorted(folder.glob("*.txt"))
+    r = recipe(tmp_path, [folder], strip_gutenberg=strip, val_fraction=0.0)
+    prepare(r, progress=False)
+    expected = []
+    for book in books:
+        raw = book.read_bytes().decode("utf-8")
+        assert raw.startswith("\ufeff")
+        start = raw.index("\n", raw.index("*** START OF THE PROJECT GUTENBERG EBOOK")) + 1
+        end = raw.index("*** END OF THE PROJECT GUTENBERG EBOOK")
+        expected.append(raw[start:end] if strip else raw[1:])
+    got = documents(r.prepared_path, "train")
+    assert sorted(got) == sorted(expected) and len(got) == len(books) == 2
+    assert all("PROJECT GUTENBERG EBOOK" not in text for text in got) == strip
+
+
+def test_gutenberg_marker_across_read_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "READ_BYTES", 64)
+    monkeypatch.setattr(prep, "PIECE_CHARS", 32)
+    body = prose(1, 20)
+    text = "Header\r\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\r\n" + body + \
+           "*** END OF THE PROJECT GUTENBERG EBOOK X ***\r\nlicence " * 3
+    r = recipe(tmp_path, [write(tmp_path / "g.txt", text)], strip_gutenberg=True, val_fraction=0.0)
+    prepare(r, progress=False)
+    assert documents(r.prepared_path, "train") == [body]
+
+
+def test_bad_utf8_names_file_and_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "READ_BYTES", 7)  # the bad byte lies in a later block
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("héllo wörld\n".encode() + b"caf\xe9\n")
+    with pytest.raises(DataError) as err:
+        prepare(recipe(tmp_path, [path]), progress=False)
+    assert str(err.value).startswith(f"{path.as_posix()} (byte 17): byte 0xe9 is not UTF-8.")
+    assert "data.on_decode_error: replace" in str(err.value)
+
+
+def test_bad_utf8_in_jsonl_names_line_and_offset(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"^{path.as_posix()}:2: byte 0xe9 at byte offset 28 is not UTF-8"):
+        prepare(recipe(tmp_path, [path]), progress=False)
+
+
+def test_replace_mode_counts_bad_bytes(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9 cr\xe8me\n" + prose(1).encode())
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b'{"text": "na\xefve"}\n')
+    r = recipe(tmp_path, [bad, rows], on_decode_error="replace", val_fraction=0.0)
+    manifest = prepare(r, progress=False)
+    assert manifest["stats"]["replaced_bytes"] == 3
+    assert manifest["stats"]["replaced_bytes_by_file"] == {bad.as_posix(): 2, rows.as_posix(): 1}
+    assert sorted(documents(r.prepared_path, "train")) == sorted(["caf\ufffd cr\ufffdme\n" + prose(1),
+                                                                  "na\ufffdve"])
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+def test_missing_source_names_it_and_lists_the_folder(tmp_path):
+    write(tmp_path / "data" / "books.txt", "x")
+    (tmp_path / "data" / "more").mkdir()
+    missing = tmp_path / "data" / "book.txt"
+    with pytest.raises(DataError) as err:
+        prepare(recipe(tmp_path, [missing]), progress=False)
+    assert str(err.value) == (f"{missing}: no such file or folder. {(tmp_path / 'data').as_posix()}/ holds: "
+                              f"books.txt, more/. Fix data.sources.")
+
+
+@pytest.mark.parametrize("sources,match", [
+    ([], "data.sources is empty"),
+    (["{tmp}/*.txt"], r"/\*\.txt: the glob matches no files\. .*/ holds: a\.csv, nothing/, x\.json\."),
+    (["{tmp}"], r": the folder holds no \.txt, \.md, \.jsonl files\. .*holds: a\.csv.*\*\.limn"),
+    (["{tmp}/a.csv", "{tmp}/x.json"], r"x\.json: a JSON file; .*Convert it to \.jsonl"),
+])
+def test_source_errors(tmp_path, sources, match):
+    write(tmp_path / "a.csv", "a,b\n")
+    write(tmp_path / "x.json", "[]")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DataError, match=match):
+        prepare(recipe(tmp_path, [s.format(tmp=tmp_path) for s in sources]), progress=False)
+
+
+@pytest.mark.parametrize("line,match", [
+    ('{"text": "a"', r"rows\.jsonl:2: not valid JSON \(Expecting ',' delimiter at column 13\)"),
+    ('{"input": "a", "output": "b"}', r"rows\.jsonl:2: 'text' is missing; this record has 'input', 'output'\. "
+                                      r"Set data\.text_field"),
+    ('["a", "b"]', r"rows\.jsonl:2: a JSON array, not an object with a 'text' field"),
+    ('{"text": 5}', r"rows\.jsonl:2: 'text' is a JSON number, not a string"),
+])
+def test_bad_jsonl_rows(tmp_path, line, match):
+    path = write(tmp_path / "rows.jsonl", '{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=match):
+        prepare(recipe(tmp_path, [path]), progress=False)
+
+
+def test_text_field(tmp_path):
+    path = write(tmp_path / "rows.jsonl", "".join(json.dumps({"output": prose(i, 3)}) + "\n" for i in range(5)))
+    r = recipe(tmp_path, [path], text_field="output", val_fraction=0.0)
+    prepare(r, progress=False)
+    assert documents(r.prepared_path, "train") == [prose(i, 3) for i in range(5)]
+
+
+def test_empty_corpus(tmp_path):
+    write(tmp_path / "a.txt", "")
+    with pytest.raises(DataError, match="the corpus is empty"):
+        prepare(recipe(tmp_path, [tmp_path / "a.txt"]), progress=False)
+    g = write(tmp_path / "g.txt", "*** START OF THE PROJECT GUTENBERG EBOOK X ***\n*** END OF THE PROJECT "
+                                  "GUTENBERG EBOOK X ***\nlicence\n")
+    with pytest.raises(DataError, match="the corpus is empty: no text left in .*g.txt"):
+        prepare(recipe(tmp_path, [g], strip_gutenberg=True), progress=False)
+
+
+def test_vocab_larger_than_corpus_is_one_line(tmp_path):
+    r = recipe(tmp_path, [write(tmp_path / "a.txt", "tiny text\n")], tokenizer={"vocab_size": 5000})
+    with pytest.raises(DataError) as err:
+        prepare(r, progress=False)
+    assert "\n" not in str(err.value) and "supports only" in str(err.value)
+    assert not (r.prepared_path / "manifest.json").exists()
+
+
+def test_load_manifest_of_unprepared_folder(tmp_path):
+    with pytest.raises(FledgeError, match=r"not prepared \(no manifest.json; found: nothing\)\. "
+                                          r"Run `fledge prepare RECIPE` first\."):
+        load_manifest(tmp_path / "never")
