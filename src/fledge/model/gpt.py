@@ -68,15 +68,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, start: int, length: int):
-        return self.cos[start:start + length], self.sin[start:start + length]
+    def forward(self, start: int, length: int, dtype: torch.dtype):
+        """cos, sin: (length, 1, head_dim), to broadcast over (B, T, heads, head_dim)."""
+        cos, sin = self.cos[start:start + length, None], self.sin[start:start + length, None]
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x, cos, sin):
-    # x: (B, n_heads, T, head_dim); cos, sin: (T, head_dim)
+    # x: (B, T, heads, head_dim); cos, sin: (T, 1, head_dim), already in x's dtype
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return x * cos + rotated * sin
 
 
 def causal_attention_math(q, k, v, dropout: float):
@@ -105,12 +107,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # One matmul for q, k and v: fewer kernel launches matter at small widths.
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        q, k, v = F.linear(x, w).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, n_heads, T, head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, n_kv_heads, T, head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, KV = self.n_heads, self.n_kv_heads
+        qkv = F.linear(x, w).view(B, T, H + 2 * KV, self.head_dim)          # (B, T, heads, head_dim)
+        qk = apply_rotary(qkv[:, :, :H + KV], cos, sin)                      # q and k rotated together
+        q = qk[:, :, :H].transpose(1, 2)                                     # (B, n_heads, T, head_dim)
+        k = qk[:, :, H:].transpose(1, 2)                                     # (B, n_kv_heads, T, head_dim)
+        v = qkv[:, :, H + KV:].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         gqa = self.n_kv_heads != self.n_heads
@@ -189,7 +191,9 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        cos, sin = self.rotary(start, T)
+        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) \
+            else self.model.embed_tokens.weight.dtype
+        cos, sin = self.rotary(start, T, dtype)
         x = self.model.embed_tokens(idx)                        # (B, T, dim)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, cache, i)
