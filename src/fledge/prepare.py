@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import codecs
 import collections
+import ctypes
+import ctypes.util
 import dataclasses
 import glob
 import hashlib
@@ -39,6 +41,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -50,10 +53,11 @@ from fledge.tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer, tra
 
 VERSION = 1
 READ_BYTES = 1 << 20     # bytes read from a file at a time
-PIECE_CHARS = 1 << 16    # characters per encoded piece (a piece ends at a safe line boundary)
+PIECE_CHARS = 1 << 16    # characters per encoded piece (cut before a newline, see _SAFE_CUT)
 BATCH_CHARS = 1 << 20    # characters per encode_batch call
 FOLDER_SUFFIXES = (".txt", ".md", ".jsonl")
 PROVENANCE = "tokenizer-provenance.json"
+TRIM_EVERY = 8 << 20     # bytes of text between returns of freed heap memory to the OS
 
 # Cutting just before a newline that is followed by a non-space character never changes
 # GPT-2 pre-tokens: whole or cut, any whitespace before it ends one token and "\n" is the next.
@@ -460,6 +464,7 @@ def _tokenizer_texts(files, data, cfg, total: int, sha, bars, label: str) -> Ite
     for piece in iter_pieces(files, data):
         size = len(piece.text.encode())
         seen += size
+        _trim_heap_every(seen, size)
         if piece.text and (cfg.kind == "char" or taken < budget * seen / max(total, 1)):
             sha.update(piece.text.encode())
             taken += size
@@ -548,6 +553,7 @@ def _write_all(recipe, files, plan: SplitPlan, tok: Tokenizer, out: Path, bars, 
             size = len(piece.text.encode())
             counts[piece.split]["bytes"] += size
             bars.advance(task, size)
+            _trim_heap_every(counts["train"]["bytes"] + counts["val"]["bytes"], size)
         for split, stream in streams.items():
             if stream:
                 writers[split].write(np.asarray(stream, dtype=dtype))
@@ -626,6 +632,22 @@ def _reusable_manifest(out: Path, fingerprint: str) -> dict | None:
             if (out / shard["file"]).stat().st_size != shard["tokens"] * itemsize:
                 return None
     return manifest
+
+
+# --- memory -------------------------------------------------------------------------------
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
+
+
+def _trim_heap_every(done: int, size: int) -> None:
+    """Give freed heap pages back to the OS each time `done` passes a multiple of TRIM_EVERY.
+
+    Reading and decoding 1 MB blocks makes glibc's heap creep up by ~1.3 MB per 16 MB read
+    (measured: 95 MB of RSS after 1 GB, 13 MB with malloc_trim), so without this the peak
+    memory of prepare would grow with the corpus.
+    """
+    if done // TRIM_EVERY != (done - size) // TRIM_EVERY and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 # --- progress -----------------------------------------------------------------------------

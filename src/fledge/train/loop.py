@@ -126,7 +126,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed) -> T
                 improved = s.state.get("best_val_loss") is None or val < s.state["best_val_loss"]
                 if improved:
                     s.state.update(best_val_loss=val, best_step=step)
-                report.evaluation(step, val, improved)
+                report.evaluation(step, val, improved, time.perf_counter() - started)
             if improved or (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
                 s.state["elapsed_s"] = time.perf_counter() - started
                 _save(s, recipe, step, dist)

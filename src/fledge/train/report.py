@@ -74,14 +74,14 @@ class Reporter:
             self.writer.add_scalar("train/lr", lr, step)
             self.writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
 
-    def evaluation(self, step: int, val_loss: float, best: bool) -> None:
+    def evaluation(self, step: int, val_loss: float, best: bool, elapsed: float) -> None:
         if not self.enabled:
             return
         import math
         ppl = math.exp(min(val_loss, 50))
         self.console.print(f"[bold]eval[/] step {step} | val loss {val_loss:.4f} | ppl {ppl:.2f}"
                            + (" | best so far" if best else ""))
-        self.write({"step": step, "val_loss": val_loss, "val_ppl": ppl})
+        self.write({"step": step, "val_loss": val_loss, "val_ppl": ppl, "elapsed_s": round(elapsed, 3)})
         if self.writer:
             self.writer.add_scalar("val/loss", val_loss, step)
 
