@@ -70,8 +70,10 @@ _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG EBOOK
 @dataclass
 class SourceFile:
     path: Path   # where to read it
-    name: str    # as found from the recipe's source entry; part of each document's split key
+    name: str    # as found from the recipe's source entry (shown in messages and the manifest)
     jsonl: bool
+    key: str = ""  # the document key of the split: the path below the source entry (a named file: its
+                   # file name), so moving or re-rooting the corpus never changes the split
 
 
 @dataclass
@@ -171,7 +173,7 @@ def resolve_sources(data) -> list[SourceFile]:
             if explicit and path.suffix == ".json":
                 raise DataError(f"a JSON file; prepare reads .txt, .md and .jsonl (one JSON object per line). "
                                 f"Convert it to .jsonl.", name)
-            files.append(SourceFile(path, name, path.suffix == ".jsonl"))
+            files.append(SourceFile(path, name, path.suffix == ".jsonl", _split_key(entry, path)))
     return files
 
 
@@ -198,6 +200,18 @@ def _expand(entry: str) -> list[tuple[Path, str, bool]]:
                             entry)
         return found
     raise DataError(f"no such file or folder. {_nearby(path.parent)} Fix data.sources.", entry)
+
+
+def _split_key(entry: str, path: Path) -> str:
+    """`path` relative to the fixed (non-glob) folder of its source entry; a file named directly: its name."""
+    parts = Path(entry).parts
+    fixed = Path(*parts[:next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))] or ".")
+    if fixed == path or not fixed.is_dir():
+        return path.name
+    try:
+        return path.relative_to(fixed).as_posix()
+    except ValueError:
+        return path.name
 
 
 def _walk(folder: Path) -> list[tuple[Path, str, bool]]:
@@ -239,12 +253,12 @@ def _scan(files: list[SourceFile], data, bars) -> tuple[list[dict], SplitPlan]:
 def _doc_keys(src: SourceFile, size: int) -> Iterator[str]:
     """Split keys of the file's documents: its name, or name:line for each non-blank .jsonl line."""
     if not src.jsonl:
-        yield from [src.name] if size else []
+        yield from [src.key] if size else []
         return
     with open(src.path, "rb") as f:
         for number, line in enumerate(f, 1):
             if (line.removeprefix(codecs.BOM_UTF8) if number == 1 else line).strip():
-                yield f"{src.name}:{number}"
+                yield f"{src.key}:{number}"
 
 
 def _fingerprint(recipe, sources: list[dict]) -> str:
@@ -292,12 +306,12 @@ def _text_pieces(src: SourceFile, data, replaced: collections.Counter) -> Iterat
                 text = text[:end.start()]           # marker may straddle two blocks
         pieces, buffer = _cut_pieces(text)
         for text in pieces:
-            yield Piece(src.name, text, first, False)
+            yield Piece(src.key, text, first, False)
             first = False
         if end:
             break
     if buffer or not first:
-        yield Piece(src.name, buffer, first, True)
+        yield Piece(src.key, buffer, first, True)
 
 
 def _decoded_blocks(src: SourceFile, data, replaced: collections.Counter) -> Iterator[str]:
@@ -367,7 +381,7 @@ def _jsonl_pieces(src: SourceFile, data, replaced: collections.Counter) -> Itera
                 replaced[src.name] += count
             text = _record_text(line, src.name, number, data.text_field)
             if text:
-                yield Piece(f"{src.name}:{number}", text, True, True)
+                yield Piece(f"{src.key}:{number}", text, True, True)
 
 
 def _record_text(line: str, name: str, number: int, field: str) -> str:

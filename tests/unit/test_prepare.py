@@ -141,6 +141,23 @@ def test_document_split_is_disjoint_and_stable(tmp_path):
     assert documents(r3.prepared_path, "val") != val
 
 
+def test_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
+    rows = jsonl_corpus(tmp_path).read_text(encoding="utf-8")
+    moved = write(tmp_path / "elsewhere" / "deeper" / "rows.jsonl", rows)
+    folder = corpus(tmp_path)[0].parent
+    copy = tmp_path / "copy" / "corpus"
+    for path in folder.rglob("*"):
+        if path.is_file():
+            write(copy / path.relative_to(folder), path.read_text(encoding="utf-8"))
+    vals = []
+    for i, sources in enumerate([[tmp_path / "rows.jsonl", folder], [moved, copy],
+                                 [moved, f"{copy}/**/*"]]):
+        r = recipe(tmp_path, sources, out=f"loc{i}", val_fraction=0.3)
+        prepare(r, progress=False)
+        vals.append(sorted(documents(r.prepared_path, "val")))
+    assert vals[0] and vals[0] == vals[1] == vals[2]
+
+
 def test_val_never_empty_with_two_documents(tmp_path):
     files = [write(tmp_path / "a.txt", prose(1)), write(tmp_path / "b.txt", prose(2))]
     r = recipe(tmp_path, files, val_fraction=0.001)
