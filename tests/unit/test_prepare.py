@@ -148,7 +148,8 @@ def test_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
     copy = tmp_path / "copy" / "corpus"
     for path in folder.rglob("*"):
         if path.is_file():
-            write(copy / path.relative_to(folder), path.read_text(encoding="utf-8"))
+            (copy / path.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / path.relative_to(folder)).write_bytes(path.read_bytes())
     vals = []
     for i, sources in enumerate([[tmp_path / "rows.jsonl", folder], [moved, copy],
                                  [moved, f"{copy}/**/*"]]):
