@@ -49,7 +49,10 @@ class Precision:
 
 
 def pick_precision(name: str, device: torch.device) -> Precision:
-    """auto: bf16 autocast on CUDA that supports it, fp16 with loss scaling on older CUDA, fp32 elsewhere."""
+    """auto: bf16 autocast on CUDA that supports it, fp16 with loss scaling on older CUDA, fp32 elsewhere.
+    fast: the same, but bf16 also on a CPU that computes bf16 natively (about 2x its fp32 matmul speed)."""
+    if name == "fast":
+        name = "bf16" if device.type == "cpu" and cpu_supports_bf16() else "auto"
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -13,7 +13,6 @@ import json
 import sysconfig
 from pathlib import Path
 
-from fledge.env import cpu_supports_bf16, pick_device
 from fledge.recipe import Recipe, load_recipe
 
 QUICKSTART = {
@@ -23,7 +22,7 @@ QUICKSTART = {
     "data": {"val_fraction": 0.05},
     "train": {"max_steps": 600, "batch_size": 16, "block_size": 128, "lr": 2e-3, "min_lr": 2e-4,
               "warmup_steps": 50, "log_every": 25, "eval_every": 150, "eval_batches": 8,
-              "checkpoint_every": 300},
+              "checkpoint_every": 300, "precision": "fast"},
     "sample": {"prompts": ["def ", "class Parser:\n    \"\"\""], "max_new_tokens": 60, "temperature": 0.7,
                "top_k": 40},
 }
@@ -73,8 +72,6 @@ def quickstart_recipe(run_dir: Path, steps: int | None = None) -> Recipe:
         t["eval_every"] = max(1, steps // 4)
         t["checkpoint_every"] = max(1, steps // 2)
         t["log_every"] = max(1, min(t["log_every"], steps // 10))
-    if pick_device("auto").type == "cpu" and cpu_supports_bf16():
-        base["train"]["precision"] = "bf16"
     return load_recipe(None, base=base)
 
 
@@ -94,7 +91,7 @@ def quickstart(steps: int | None = None, corpus_mb: float | None = None, run_dir
     recipe = quickstart_recipe(run, steps)
     print(f"fledge quickstart: {docs} files of Python's standard library -> {run}/corpus.jsonl")
     print(f"training a {recipe.model.n_layers}-layer, {recipe.model.dim}-wide model for {recipe.train.max_steps} "
-          f"steps ({recipe.train.precision}); Ctrl-C stops and saves a checkpoint.")
+          f"steps; Ctrl-C stops and saves a checkpoint.")
     result = train(recipe, progress=progress)
     print(f"\ndone. The run is in {run}/ (recipe.yaml, metrics.jsonl, checkpoints/).\nNext:\n"
           f"  fledge sample {run} --prompt 'def parse(' --num-samples 2\n"

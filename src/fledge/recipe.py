@@ -93,8 +93,9 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0: off", min=0.0)
     seed: int = option(1337, "seed of init, batches and dropout")
     device: str = option("auto", "where to train; auto: cuda > mps > cpu", choices=("auto", "cpu", "cuda", "mps"))
-    precision: str = option("auto", "auto: bf16 autocast on CUDA that supports it, else fp32",
-                            choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = option("auto", "auto: bf16 autocast on CUDA that supports it, else fp32; fast: also bf16 "
+                            "on CPUs with native bf16 (AVX-512 BF16, AMX)",
+                            choices=("auto", "fast", "fp32", "bf16", "fp16"))
     compile: bool = option(False, "torch.compile the model (slow start, faster steps)")
     threads: int = option(0, "CPU threads for torch; 0: one per physical core", min=0)
     log_every: int = option(10, "steps between progress lines and metrics rows", min=1)
