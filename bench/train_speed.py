@@ -70,6 +70,21 @@ class RefGPT(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
 
 
+class TransformersLlama(nn.Module):
+    """transformers' LlamaForCausalLM at the same shape, as the alternative to fledge's module."""
+
+    def __init__(self, like: GPT):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from fledge.model.gpt import to_hf_config
+        self.llama = LlamaForCausalLM(LlamaConfig(**to_hf_config(like.config), attn_implementation="sdpa"))
+
+    def forward(self, idx, targets):
+        out = self.llama(input_ids=idx, labels=None)
+        logits = out.logits
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+
+
 def make_step(model, optimizer, batch, block, bf16: bool):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (batch, block), generator=g)
@@ -94,6 +109,8 @@ def build(variant: str, size: str):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
         return make_step(model, optimizer, batch, block, False)
     model = GPT(GPTConfig(vocab_size=VOCAB, n_layers=layers, n_heads=heads, dim=dim, max_seq_len=block))
+    if variant.startswith("transformers"):
+        model = TransformersLlama(model)
     optimizer = make_optimizer(model, t, torch.device("cpu"))
     if "compile" in variant:
         model = torch.compile(model)
@@ -103,7 +120,8 @@ def build(variant: str, size: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="small,medium")
-    parser.add_argument("--variants", default="fp32,bf16,bf16-compile")
+    parser.add_argument("--variants", default="fp32,bf16,bf16-compile,transformers-fp32,transformers-bf16",
+                        help="fledge variants (fp32, bf16, bf16-compile) and transformers-fp32/-bf16")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -112,7 +130,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, {torch.backends.cpu.get_cpu_capability()}")
     for size in args.sizes.split(","):
         layers, heads, dim, block, batch = SIZES[size]
-        names = ["reference"] + [f"fledge-{v}" for v in args.variants.split(",")]
+        names = ["reference"] + [v if v.startswith("transformers") else f"fledge-{v}"
+                                 for v in args.variants.split(",")]
         steps = {name: build(name, size) for name in names}
         for name, step in steps.items():      # warm-up, compilation included
             start = time.perf_counter()

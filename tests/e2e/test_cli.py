@@ -118,3 +118,34 @@ def test_help_lists_every_verb(tmp_path):
         assert verb in out
     keys = fledge("recipe", "keys", cwd=tmp_path)
     assert "train.lr" in keys.stdout and "model.preset" in keys.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    import json
+    import signal
+    import time
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog.\n" * 300)
+    recipe(tmp_path, "[a.txt]")
+    args = sets("model") + ["--set", "train.max_steps=100000", "--set", "train.batch_size=2",
+                            "--set", "train.block_size=16", "--set", "train.log_every=1",
+                            "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0",
+                            "--set", "train.warmup_steps=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "fledge", "train", "recipe.yaml", "--quiet", *args],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "t" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or metrics.read_text().count('"loss"') < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in out and "--resume" in out
+    checkpoints = sorted((tmp_path / "runs" / "t" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1
+    step = json.loads((checkpoints[0] / "state.json").read_text())["step"]
+    assert step >= 3
+    done = fledge("train", "recipe.yaml", "--quiet", "--resume", *args, "--set", f"train.max_steps={step + 2}",
+                  cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming at step {step}" in done.stdout and f"step {step + 2}/{step + 2}" in done.stdout
