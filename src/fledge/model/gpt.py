@@ -11,7 +11,6 @@ Reads top to bottom: config, norm, rotary embedding, attention, MLP, block, mode
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -86,18 +85,13 @@ def causal_attention_math(q, k, v, dropout: float):
     """Plain causal attention in three kernels. On CPU in bf16, PyTorch's flash kernel runs its
     backward several times slower than this at short lengths (docs/benchmarks.md)."""
     B, H, T, D = q.shape
-    bias = _causal_bias(T, q.dtype, q.device)                               # (T, T): 0 or -inf
+    bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)   # (T, T): 0 or -inf
     scores = torch.baddbmm(bias.expand(B * H, T, T), q.reshape(B * H, T, D),
                            k.reshape(B * H, T, D).transpose(1, 2), alpha=D ** -0.5)   # (B*H, T, T)
     probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)     # softmax in fp32
     if dropout:
         probs = F.dropout(probs, dropout)
     return probs.view(B, H, T, T) @ v                                       # (B, H, T, head_dim)
-
-
-@functools.lru_cache(maxsize=16)
-def _causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu(1)
 
 
 class Attention(nn.Module):
