@@ -160,21 +160,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     source = str(path) if path else "recipe"
     raw: dict = {} if base is None else json.loads(json.dumps(base))
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise RecipeError(f"{p}: no such recipe file. Pass the path of a YAML recipe, "
-                              f"for example one under recipes/.")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise RecipeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}). Fix the syntax.") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise RecipeError(f"{p}: a recipe is a mapping of sections (data:, model:, train:, ...), "
-                              f"not a {type(loaded).__name__}.")
+        loaded = read_yaml_mapping(Path(path), "recipe",
+                                   "a recipe is a mapping of sections (data:, model:, train:, ...)")
         raw = _deep_merge(raw, loaded)
     for item in overrides or []:
         _apply_override(raw, item, source)
@@ -183,11 +170,34 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     recipe = _build(Recipe, raw, "", problems)
     if not problems:
         problems.extend(check_consistency(recipe))
+    raise_problems(source, problems)
+    return recipe
+
+
+def raise_problems(source: str, problems: list[str]) -> None:
+    """One RecipeError listing every problem found, or nothing."""
     if len(problems) == 1:
         raise RecipeError(f"{source}: {problems[0]}")
     if problems:
         raise RecipeError(f"{source}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
-    return recipe
+
+
+def read_yaml_mapping(path: Path, what: str, shape: str) -> dict:
+    """A YAML file that must hold a mapping; errors name the file (and line) and the fix."""
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such {what} file. Check the path"
+                          + (", for example one under recipes/." if what == "recipe" else "."))
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}). Fix the syntax.") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise RecipeError(f"{path}: {shape}, not a {type(loaded).__name__}.")
+    return loaded
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -370,23 +380,11 @@ def load_config(cls: type, source: str | Path | dict, what: str,
     if isinstance(source, dict):
         raw, name = source, what
     else:
-        p = Path(source)
-        name = str(p)
-        if not p.is_file():
-            raise RecipeError(f"{p}: no such {what} file. Check the path.")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise RecipeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}). Fix the syntax.") from None
-        raw = {} if raw is None else raw
+        name = str(source)
+        raw = read_yaml_mapping(Path(source), what, f"a {what} is a mapping of keys")
     problems: list[str] = []
     config = _build(cls, raw, "", problems)
     if finish is not None and isinstance(raw, dict):
         finish(config, problems)
-    if len(problems) == 1:
-        raise RecipeError(f"{name}: {problems[0]}")
-    if problems:
-        raise RecipeError(f"{name}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    raise_problems(name, problems)
     return config
