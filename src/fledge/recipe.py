@@ -328,6 +328,12 @@ def check_consistency(r: Recipe) -> list[str]:
     if not is_known_arch(m.arch):
         out.append(f"model.arch {m.arch!r} is neither a registered architecture nor a 'module:function' "
                    f"reference; registered: llama")
+    elif ":" in m.arch:
+        from fledge.model.registry import resolve_arch
+        try:
+            resolve_arch(m.arch)     # import the user's module now, not after data preparation
+        except RecipeError as e:
+            out.append(str(e))
     if m.dim % m.n_heads:
         out.append(f"model.dim ({m.dim}) must be a multiple of model.n_heads ({m.n_heads})")
     elif (m.dim // m.n_heads) % 2:

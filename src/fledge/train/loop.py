@@ -197,6 +197,8 @@ def _save(s: Setup, recipe: Recipe, step: int, dist: Distributed) -> None:
 def _choose_start(run_dir: Path, resume: bool, recipe: Recipe) -> str | None:
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None:
+        if resume:
+            print(f"note: {run_dir} has no checkpoint to resume from; starting at step 0")
         return None
     if not resume:
         raise CheckpointError(

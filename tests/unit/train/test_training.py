@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fledge.errors import CheckpointError
+from fledge.errors import CheckpointError, RecipeError
 from fledge.recipe import load_recipe
 from fledge.sample import sample
 from fledge.train import checkpoint as ckpt
@@ -178,3 +178,42 @@ def test_sampling_is_deterministic_with_a_seed(tmp_path):
     streamed = []
     sample(run, "1 ", max_new_tokens=20, temperature=1.0, seed=3, on_text=lambda i, piece: streamed.append(piece))
     assert "".join(streamed) == sample(run, "1 ", max_new_tokens=20, temperature=1.0, seed=3)[0]
+
+
+CUSTOM_ARCH = '''
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Bigram(nn.Module):
+    """The smallest language model: next-token logits from the current token alone."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.table = nn.Embedding(vocab_size, vocab_size)
+
+    def forward(self, idx, targets=None):
+        logits = self.table(idx)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss
+
+
+def build(config, vocab_size):
+    return Bigram(vocab_size)
+'''
+
+
+def test_own_architecture_from_a_module_reference_trains_and_resumes(tmp_path, monkeypatch):
+    (tmp_path / "my_bigram.py").write_text(CUSTOM_ARCH)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = make_recipe(tmp_path, "custom", max_steps=8, lr=0.1)
+    recipe = load_recipe(None, base={**recipe.to_dict(), "model": {**recipe.to_dict()["model"],
+                                                                    "arch": "my_bigram:build"}})
+    first = train(recipe, progress=False)
+    assert first.final_val_loss < first.first_val_loss - 0.3
+    assert not (first.last_checkpoint / "config.json").exists()     # not a Llama: no transformers config
+    longer = load_recipe(None, base={**recipe.to_dict(), "train": {**recipe.to_dict()["train"], "max_steps": 12}})
+    assert train(longer, resume=True, progress=False).step == 12
+    with pytest.raises(RecipeError, match="my_bigram has no function .nope."):
+        load_recipe(None, base={**recipe.to_dict(), "model": {**recipe.to_dict()["model"], "arch": "my_bigram:nope"}})
