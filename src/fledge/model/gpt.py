@@ -82,16 +82,16 @@ def apply_rotary(x, cos, sin):
 
 
 def causal_attention_math(q, k, v, dropout: float):
-    """Plain causal attention in three kernels. On CPU in bf16, PyTorch's flash kernel runs its
-    backward several times slower than this at short lengths (docs/benchmarks.md)."""
-    B, H, T, D = q.shape
+    """Plain causal attention: scores, fp32 softmax, weighted sum. On CPU in bf16, PyTorch's
+    flash kernel runs its backward several times slower than this at short lengths
+    (docs/benchmarks.md). q, k, v: (B, n_heads, T, head_dim)."""
+    T = q.shape[2]
     bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)   # (T, T): 0 or -inf
-    scores = torch.baddbmm(bias.expand(B * H, T, T), q.reshape(B * H, T, D),
-                           k.reshape(B * H, T, D).transpose(1, 2), alpha=D ** -0.5)   # (B*H, T, T)
-    probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)     # softmax in fp32
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias                      # (B, n_heads, T, T)
+    probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)
     if dropout:
         probs = F.dropout(probs, dropout)
-    return probs.view(B, H, T, T) @ v                                       # (B, H, T, head_dim)
+    return probs @ v                                                                    # (B, n_heads, T, head_dim)
 
 
 class Attention(nn.Module):
