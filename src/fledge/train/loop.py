@@ -82,12 +82,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed) -> T
     if dist.is_main:
         recipe.save(run_dir / "recipe.yaml")
     report = Reporter(run_dir, t.max_steps, step, dist.is_main, progress, t.tensorboard)
-    n_params = s.raw_model.num_parameters() if hasattr(s.raw_model, "num_parameters") else \
-        sum(p.numel() for p in s.raw_model.parameters())
-    report.say(f"run {run_dir} | {n_params / 1e6:.2f}M parameters | {s.train_stream.n_tokens:,} train tokens | "
-               f"device {dist.device} x{dist.world} | {precision.name}"
-               + (f" | {threads} threads" if threads else "")
-               + (f" | resuming at step {step}" if step else ""))
+    _announce(s, recipe, dist, precision, threads, report)
     peak = _peak_flops(precision, dist) if dist.is_main and hasattr(s.raw_model, "flops_per_token") else None
     train_windows = t.batch_size * t.grad_accum * dist.world
     tokens_per_step = train_windows * t.block_size
@@ -118,18 +113,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed) -> T
                 report.step(step, dist.mean(loss), lr, tokens_per_s, mfu, time.perf_counter() - started,
                             per_step * (t.max_steps - step))
                 window_seconds, window_steps = 0.0, 0
-            evaluate_now = (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
-            improved = False
-            if evaluate_now:
-                val = _evaluate(s, recipe, val_windows, precision, dist, report, step)
-                s.state["val_loss"] = val
-                improved = s.state.get("best_val_loss") is None or val < s.state["best_val_loss"]
-                if improved:
-                    s.state.update(best_val_loss=val, best_step=step)
-                report.evaluation(step, val, improved, time.perf_counter() - started)
-            if improved or (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
-                s.state["elapsed_s"] = time.perf_counter() - started
-                _save(s, recipe, step, dist)
+            if _evaluate_and_checkpoint(s, recipe, step, val_windows, precision, dist, report, started):
                 last_saved = step
     except KeyboardInterrupt:
         interrupted = True
@@ -145,6 +129,36 @@ def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed) -> T
     if not interrupted:
         _say_whether_it_learned(result, report)
     return result
+
+
+def _announce(s: Setup, recipe: Recipe, dist: Distributed, precision, threads: int | None, report) -> None:
+    model = s.raw_model
+    n_params = model.num_parameters() if hasattr(model, "num_parameters") else \
+        sum(p.numel() for p in model.parameters())
+    step = s.state["step"]
+    report.say(f"run {recipe.run_path} | {n_params / 1e6:.2f}M parameters | {s.train_stream.n_tokens:,} train "
+               f"tokens | device {dist.device} x{dist.world} | {precision.name}"
+               + (f" | {threads} threads" if threads else "")
+               + (f" | resuming at step {step}" if step else ""))
+
+
+def _evaluate_and_checkpoint(s: Setup, recipe: Recipe, step: int, val_windows, precision, dist: Distributed,
+                             report: Reporter, started: float) -> bool:
+    """Evaluate when due; save when due or when validation improved. Returns whether it saved."""
+    t = recipe.train
+    improved = False
+    if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+        val = _evaluate(s, recipe, val_windows, precision, dist, report, step)
+        s.state["val_loss"] = val
+        improved = s.state.get("best_val_loss") is None or val < s.state["best_val_loss"]
+        if improved:
+            s.state.update(best_val_loss=val, best_step=step)
+        report.evaluation(step, val, improved, time.perf_counter() - started)
+    if improved or (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
+        s.state["elapsed_s"] = time.perf_counter() - started
+        _save(s, recipe, step, dist)
+        return True
+    return False
 
 
 def _train_step(s: Setup, recipe: Recipe, starts, precision, dist: Distributed, scaler) -> torch.Tensor:
