@@ -217,3 +217,9 @@ def test_own_architecture_from_a_module_reference_trains_and_resumes(tmp_path, m
     assert train(longer, resume=True, progress=False).step == 12
     with pytest.raises(RecipeError, match="my_bigram has no function .nope."):
         load_recipe(None, base={**recipe.to_dict(), "model": {**recipe.to_dict()["model"], "arch": "my_bigram:nope"}})
+
+
+def test_a_run_that_did_not_learn_says_so(tmp_path, capsys):
+    result = train(make_recipe(tmp_path, "frozen", lr=0.0, min_lr=0.0, max_steps=4), progress=False)
+    assert result.final_val_loss == pytest.approx(result.first_val_loss)
+    assert "the model did not learn" in capsys.readouterr().out
