@@ -18,7 +18,8 @@ Memory stays flat: files are read in 1 MB blocks and encoded with `encode_batch`
 of ~64K characters, cut just before a newline followed by a non-space character. That is
 always a GPT-2 pre-token boundary, so the ids equal those of encoding each document whole.
 
-Re-running reuses what is still valid. Shards: when the fingerprint (data and tokenizer
+Re-running reuses what is still valid. Sources are read again only when their size or
+mtime changed (per-file hashes and document counts are cached in source-scan.json). Shards: when the fingerprint (data and tokenizer
 sections, resolved source files and their sha256) equals the manifest's and every shard is
 there at its size. Tokenizer: it is retrained only when the tokenizer section or the exact
 text it trains on changes; that text is a deterministic sample of at most
@@ -57,6 +58,7 @@ PIECE_CHARS = 1 << 16    # characters per encoded piece (cut before a newline, s
 BATCH_CHARS = 1 << 20    # characters per encode_batch call
 FOLDER_SUFFIXES = (".txt", ".md", ".jsonl")
 PROVENANCE = "tokenizer-provenance.json"
+SCAN_CACHE = "source-scan.json"
 TRIM_EVERY = 8 << 20     # bytes of text between returns of freed heap memory to the OS
 
 # Cutting just before a newline that is followed by a non-space character never changes
@@ -109,7 +111,7 @@ def prepare(recipe, progress: bool = True) -> dict:
     out = recipe.prepared_path
     with _progress_bars(progress) as bars:
         files = resolve_sources(recipe.data)
-        sources, plan = _scan(files, recipe.data, bars)
+        sources, plan = _scan(files, recipe.data, bars, out)
         fingerprint = _fingerprint(recipe, sources)
         manifest = _reusable_manifest(out, fingerprint)
         if manifest is not None:
@@ -230,24 +232,53 @@ def _nearby(folder: Path) -> str:
     return f"{folder.as_posix() or '.'}/ holds: {', '.join(names[:12]) or 'nothing'}{more}."
 
 
-def _scan(files: list[SourceFile], data, bars) -> tuple[list[dict], SplitPlan]:
-    """Hash every file and count its documents; choose the split method."""
+def _scan(files: list[SourceFile], data, bars, out: Path) -> tuple[list[dict], SplitPlan]:
+    """Hash every file and count its documents; choose the split method.
+
+    Results per file are cached in `<prepared>/source-scan.json` under (path, size, mtime,
+    split settings): a second `prepare` or `fledge train` over a 36 GB corpus does not read
+    it all again just to find that nothing changed."""
+    cache_path = out / SCAN_CACHE
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    fresh: dict = {}
     sources, count, smallest, any_val = [], 0, (2.0, ""), False
     task = bars.add_task("hashing sources", total=sum(f.path.stat().st_size for f in files))
     for src in files:
-        size = src.path.stat().st_size
-        sources.append({"path": src.name, "bytes": size, "sha256": _file_sha256(src.path)})
-        bars.advance(task, size)
-        for doc in _doc_keys(src, size):
-            count, h = count + 1, _doc_hash(data.split_seed, doc)
-            smallest, any_val = min(smallest, (h, doc)), any_val or h < data.val_fraction
+        stat = src.path.stat()
+        ident = json.dumps([str(src.path.resolve()), src.key, stat.st_size, stat.st_mtime_ns, data.split_seed,
+                            data.val_fraction])
+        entry = cache.get(ident) or _scan_file(src, stat.st_size, data)
+        fresh[ident] = entry
+        sources.append({"path": src.name, "bytes": stat.st_size, "sha256": entry["sha256"]})
+        bars.advance(task, stat.st_size)
+        count += entry["documents"]
+        if entry["documents"]:
+            smallest = min(smallest, tuple(entry["smallest"]))
+        any_val = any_val or entry["any_val"]
     if count == 0:
         raise DataError(f"the corpus is empty: {len(files)} source file(s), all empty. Check data.sources.",
                         files[0].name if len(files) == 1 else None)
+    if fresh != cache:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(cache_path.name + ".tmp")
+        tmp.write_text(json.dumps(fresh), encoding="utf-8")
+        tmp.replace(cache_path)
     plan = SplitPlan("contiguous-tail" if count == 1 else "document-hash", data.val_fraction, data.split_seed)
     if count > 1 and data.val_fraction > 0 and not any_val:
         plan.forced = smallest[1]
     return sources, plan
+
+
+def _scan_file(src: SourceFile, size: int, data) -> dict:
+    """sha256, document count, the smallest split hash and whether any document hashes into val."""
+    count, smallest, any_val = 0, (2.0, ""), False
+    for doc in _doc_keys(src, size):
+        count, h = count + 1, _doc_hash(data.split_seed, doc)
+        smallest, any_val = min(smallest, (h, doc)), any_val or h < data.val_fraction
+    return {"sha256": _file_sha256(src.path), "documents": count, "smallest": list(smallest), "any_val": any_val}
 
 
 def _doc_keys(src: SourceFile, size: int) -> Iterator[str]:

@@ -384,3 +384,18 @@ def test_load_manifest_of_unprepared_folder(tmp_path):
     with pytest.raises(FledgeError, match=r"not prepared \(no manifest.json; found: nothing\)\. "
                                           r"Run `fledge prepare RECIPE` first\."):
         load_manifest(tmp_path / "never")
+
+
+def test_unchanged_sources_are_not_read_again(tmp_path, monkeypatch):
+    files = corpus(tmp_path)
+    r = recipe(tmp_path, files)
+    first = prepare(r, progress=False)
+    hashed = []
+    real = prep._file_sha256
+    sources = set(files)
+    monkeypatch.setattr(prep, "_file_sha256", lambda path: (path in sources and hashed.append(path)) or real(path))
+    assert prepare(r, progress=False)["fingerprint"] == first["fingerprint"]
+    assert hashed == []
+    write(files[0], prose(42))                                   # new content, new mtime
+    second = prepare(r, progress=False)
+    assert hashed == [files[0]] and second["fingerprint"] != first["fingerprint"]
