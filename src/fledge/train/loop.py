@@ -193,8 +193,8 @@ def _evaluate(s: Setup, recipe: Recipe, windows, precision, dist, report, step: 
                         dist.rank, dist.world)
     if sample and dist.is_main and hasattr(s.raw_model, "generate") and recipe.sample.prompts:
         from fledge.sample import generate_text
-        texts = [generate_text(s.raw_model, s.tokenizer, p, recipe.sample, seed=t.seed, device=dist.device,
-                               precision=precision)[0] for p in recipe.sample.prompts]
+        texts = [generate_text(s.raw_model, s.tokenizer, p, recipe.sample, seed=t.seed + i, device=dist.device,
+                               precision=precision)[0] for i, p in enumerate(recipe.sample.prompts)]
         report.samples(step, recipe.sample.prompts, texts)
     return val
 
