@@ -173,8 +173,8 @@ def resolve_sources(data) -> list[SourceFile]:
                 continue
             seen.add(path.resolve())
             if explicit and path.suffix == ".json":
-                raise DataError(f"a JSON file; prepare reads .txt, .md and .jsonl (one JSON object per line). "
-                                f"Convert it to .jsonl.", name)
+                raise DataError("a JSON file; prepare reads .txt, .md and .jsonl (one JSON object per line). "
+                                "Convert it to .jsonl.", name)
             files.append(SourceFile(path, name, path.suffix == ".jsonl", _split_key(entry, path)))
     return files
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fledge.env import matmul_peak, pick_precision, set_threads
-from fledge.errors import CheckpointError, FledgeError
+from fledge.errors import CheckpointError
 from fledge.evaluate.loss import evaluate_loss
 from fledge.recipe import Recipe
 from fledge.train import checkpoint as ckpt
@@ -312,4 +312,4 @@ def _say_whether_it_learned(r: TrainResult, report: Reporter) -> None:
                    f"(best {r.best_val_loss:.4f}); checkpoints in {r.run_dir / 'checkpoints'}")
 
 
-__all__ = ["train", "TrainResult", "FledgeError", "check_resumable", "make_optimizer"]
+__all__ = ["train", "TrainResult", "check_resumable", "make_optimizer"]
