@@ -39,3 +39,21 @@ class DataError(FledgeError):
 
 class CheckpointError(FledgeError):
     """A checkpoint is missing, incomplete, or belongs to another recipe."""
+
+
+class StorageError(FledgeError):
+    """The file system refused a write or read: disk full, read-only, a folder where a file belongs."""
+
+
+class TokenizerError(FledgeError):
+    """A tokenizer file is missing, unreadable, or does not match the data or checkpoint."""
+
+
+class DependencyError(FledgeError):
+    """An optional package a feature needs is not installed; the message names the pip command."""
+
+
+class InternalError(FledgeError):
+    """A bug in fledge rather than in the input: the message says where to report it."""
+
+    exit_code = 70

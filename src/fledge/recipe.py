@@ -155,8 +155,12 @@ class Recipe:
 # --- loading and validation -------------------------------------------------------------
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> Recipe:
-    """Read a YAML recipe (or start from `base`), apply `key.path=value` overrides, validate."""
+                base: dict | None = None, allow_code: bool = True) -> Recipe:
+    """Read a YAML recipe (or start from `base`), apply `key.path=value` overrides, validate.
+
+    `allow_code=False` refuses a `model.arch: module:function` instead of importing it: use it
+    for recipes saved inside runs and checkpoints, which the user did not write for this command.
+    """
     source = str(path) if path else "recipe"
     raw: dict = {} if base is None else json.loads(json.dumps(base))
     if path is not None:
@@ -169,7 +173,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     problems: list[str] = []
     recipe = _build(Recipe, raw, "", problems)
     if not problems:
-        problems.extend(check_consistency(recipe))
+        problems.extend(check_consistency(recipe, allow_code))
     raise_problems(source, problems)
     return recipe
 
@@ -316,8 +320,8 @@ def _check_range(key: str, value: Any, meta: typing.Mapping) -> str | None:
     return None
 
 
-def check_consistency(r: Recipe) -> list[str]:
-    """Rules that tie several keys together."""
+def check_consistency(r: Recipe, allow_code: bool = True) -> list[str]:
+    """Rules that tie several keys together (`allow_code`: may a module:function arch be imported)."""
     from fledge.model.registry import PRESETS, is_known_arch
     out = []
     m, t = r.model, r.train
@@ -328,6 +332,9 @@ def check_consistency(r: Recipe) -> list[str]:
     if not is_known_arch(m.arch):
         out.append(f"model.arch {m.arch!r} is neither a registered architecture nor a 'module:function' "
                    f"reference; registered: llama")
+    elif ":" in m.arch and not allow_code:
+        out.append(f"model.arch {m.arch!r} names code to import and run; fledge does not run code named by a "
+                   f"saved recipe unless you allow it (--allow-code), or the recipe you run names it")
     elif ":" in m.arch:
         from fledge.model.registry import resolve_arch
         try:

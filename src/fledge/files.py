@@ -1,0 +1,132 @@
+"""Writing files so that a crash, a full disk or a second process never leaves half a file.
+
+    from fledge.files import write_atomic, atomic_open
+    write_atomic(run_dir / "state.json", json.dumps(state))        # str or bytes
+    with atomic_open(out_path) as f:                               # a text file, streamed
+        for row in rows:
+            f.write(json.dumps(row) + "\\n")
+
+Every write goes to a temporary file beside the target whose name is unique to the process
+(`.NAME.<pid>-<random>.tmp`), is flushed and fsynced, then renamed over the target. On any
+error the temporary file is removed and the target is left as it was. `OSError`s from the
+file system (disk full, read-only, permission) become one `StorageError` line that names
+the file and what to do; `refuse_special` keeps fledge from writing into FIFOs, devices
+and folders a user named by mistake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from pathlib import Path
+from typing import IO, Iterator
+
+from fledge.errors import StorageError
+
+TMP_SUFFIX = ".tmp"
+
+
+def temp_path(path: str | Path) -> Path:
+    """A fresh temporary name beside `path`, unique to this process and call."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def storage_error(error: OSError, path: str | Path, action: str = "write") -> StorageError:
+    """One line for a file-system failure: what, where, what to do."""
+    if error.errno == errno.ENOSPC:
+        hint = "the disk is full; free some space and run the command again (finished work is kept)"
+    elif error.errno == errno.EDQUOT:
+        hint = "the disk quota is exhausted; free some space and run the command again"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "fledge may not write there; choose another path or fix the permissions"
+    else:
+        hint = error.strerror or str(error)
+    return StorageError(f"could not {action} {path}: {hint}")
+
+
+def refuse_special(path: str | Path, what: str = "output") -> Path:
+    """`path` as a Path, unless it exists and is not a regular file (a folder, FIFO, device)."""
+    p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        return p
+    except OSError as e:
+        raise storage_error(e, p, "inspect") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
+        raise StorageError(f"{what} {p} is {kind}; fledge writes only regular files. Name a file path.")
+    return p
+
+
+def _fsync(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems (and /dev/shm on some kernels) cannot fsync
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside `path` durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8",
+                newline: str | None = None) -> Iterator[IO]:
+    """Open a temporary file for writing; on success it replaces `path`, on error it vanishes."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes new files only (mode 'w' or 'wb'), not {mode!r}")
+    target = refuse_special(path)
+    tmp = temp_path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, mode, encoding=None if "b" in mode else encoding,
+                  newline=None if "b" in mode else newline) as f:
+            yield f
+            f.flush()
+            _fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise storage_error(e, target) from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    fsync_dir(target.parent)
+
+
+def write_atomic(path: str | Path, data: str | bytes, encoding: str = "utf-8") -> Path:
+    """Replace `path` with `data` (str is encoded as `encoding`) all at once."""
+    with atomic_open(path, "wb") as f:
+        f.write(data.encode(encoding) if isinstance(data, str) else data)
+    return Path(path)
+
+
+def remove_stale_temps(folder: str | Path, name: str = "*") -> list[Path]:
+    """Remove temporary files this module left beside `name` in `folder` (after a kill)."""
+    removed = []
+    for p in Path(folder).glob(f".{name}.*{TMP_SUFFIX}"):
+        if p.is_file() and not p.is_symlink():
+            _remove_quietly(p)
+            removed.append(p)
+    return removed
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
