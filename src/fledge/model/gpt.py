@@ -6,6 +6,13 @@ keep our own module instead of using transformers' class because it trains faste
 the sizes fledge targets on CPU (docs/benchmarks.md has the numbers) and keeps
 generation with a KV cache in one short file.
 
+The forward contract (`GPT.forward`): `input_ids` and, optionally, `labels` already shifted
+to the next token (-100 marks positions without a target); it returns `(logits, loss)`, the
+loss a mean over targets or, with `reduction="sum"`, their sum. Packed sequences pass
+`position_ids` (RoPE positions restarting per example) and `document_ids` (attention stays
+within an example). Every projection is called as a module, so peft's LoRA layers, which
+replace them, take part in forward and backward (tests/unit/model/test_lora.py).
+
 Reads top to bottom: config, norm, rotary embedding, attention, MLP, block, model, generate.
 """
 
@@ -68,30 +75,64 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, start: int, length: int, dtype: torch.dtype):
-        """cos, sin: (length, 1, head_dim), to broadcast over (B, T, heads, head_dim)."""
-        cos, sin = self.cos[start:start + length, None], self.sin[start:start + length, None]
+    def forward(self, start: int, length: int, dtype: torch.dtype, position_ids=None):
+        """cos, sin to broadcast over (B, T, heads, head_dim): (length, 1, head_dim) for positions
+        start..start+length-1, or (B, T, 1, head_dim) for explicit position_ids (B, T)."""
+        if position_ids is None:
+            cos, sin = self.cos[start:start + length, None], self.sin[start:start + length, None]
+        else:
+            cos, sin = self.cos[position_ids][:, :, None], self.sin[position_ids][:, :, None]
         return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x, cos, sin):
-    # x: (B, T, heads, head_dim); cos, sin: (T, 1, head_dim), already in x's dtype
+    # x: (B, T, heads, head_dim); cos, sin: (T, 1, head_dim) or (B, T, 1, head_dim), already in x's dtype
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
 
-def causal_attention_math(q, k, v, dropout: float):
+def document_mask(document_ids, dtype: torch.dtype):
+    """Additive attention bias for packed sequences: 0 where a token may attend (itself and earlier
+    tokens with the same document id), -inf elsewhere. document_ids: (B, T) -> (B, 1, T, T)."""
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    allowed = causal & (document_ids[:, :, None] == document_ids[:, None, :])          # (B, T, T)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=document_ids.device).masked_fill(~allowed, float("-inf"))
+    return bias[:, None]
+
+
+def causal_attention_math(q, k, v, dropout: float, bias=None):
     """Plain causal attention: scores, fp32 softmax, weighted sum. On CPU in bf16, PyTorch's
     flash kernel runs its backward several times slower than this at short lengths
-    (docs/benchmarks.md). q, k, v: (B, n_heads, T, head_dim)."""
+    (docs/benchmarks.md). q, k, v: (B, n_heads, T, head_dim); bias: additive (B, 1, T, T) mask
+    from `document_mask`, or None for plain causal."""
     T = q.shape[2]
-    bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)   # (T, T): 0 or -inf
+    if bias is None:
+        bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)   # (T, T): 0 or -inf
     scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 + bias                      # (B, n_heads, T, T)
     probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)
     if dropout:
         probs = F.dropout(probs, dropout)
     return probs @ v                                                                    # (B, n_heads, T, head_dim)
+
+
+def attend(q, k, v, bias, dropout: float):
+    """Causal attention with the fastest kernel for the case. q: (B, n_heads, T, head_dim); k, v:
+    (B, n_kv_heads, S, head_dim), S > T when a KV cache holds earlier tokens; bias: None (causal)
+    or an additive (B, 1, T, T) mask from `document_mask` (never with a cache)."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = k.shape[1] != q.shape[1]
+    if S != T and T == 1:                              # decoding: attend to everything cached
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if S != T:                                         # prefill after cached tokens: offset causal mask
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if q.device.type == "cpu" and q.dtype != torch.float32 and T <= 512 and not gqa:
+        return causal_attention_math(q, k, v, dropout, bias)
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa, dropout_p=dropout)
 
 
 class Attention(nn.Module):
@@ -104,31 +145,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
         self.dropout = c.dropout
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, bias=None):
         B, T, _ = x.shape
-        # One matmul for q, k and v: fewer kernel launches matter at small widths.
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        H, KV = self.n_heads, self.n_kv_heads
-        qkv = F.linear(x, w).view(B, T, H + 2 * KV, self.head_dim)          # (B, T, heads, head_dim)
-        qk = apply_rotary(qkv[:, :, :H + KV], cos, sin)                      # q and k rotated together
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        # Each projection is called, never fused by concatenating weights: peft's LoRA layers (or a
+        # quantized linear) replace these modules, and a fused matmul would skip them. On CPU a
+        # training step is as fast as with one fused q/k/v matmul (within 2%, fp32 and bf16).
+        q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, KV, D)
+        v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)                 # (B, n_kv_heads, T, head_dim)
+        qk = apply_rotary(torch.cat([q, k], dim=2), cos, sin)                # q and k rotated in one pass
         q = qk[:, :, :H].transpose(1, 2)                                     # (B, n_heads, T, head_dim)
         k = qk[:, :, H:].transpose(1, 2)                                     # (B, n_kv_heads, T, head_dim)
-        v = qkv[:, :, H + KV:].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        gqa = self.n_kv_heads != self.n_heads
-        if cache is not None and T == 1:                 # decoding: attend to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        elif k.shape[2] != T:                            # prefill after cached tokens: offset causal mask
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        elif x.device.type == "cpu" and q.dtype != torch.float32 and T <= 512 and not gqa:
-            y = causal_attention_math(q, k, v, self.dropout if self.training else 0.0)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa,
-                                               dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, dim)
-        return self.o_proj(y)
+        y = attend(q, k, v, bias, self.dropout if self.training else 0.0)    # (B, n_heads, T, head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))          # (B, T, dim)
 
 
 class MLP(nn.Module):
@@ -139,8 +171,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.hidden_dim, c.dim, bias=False)
 
     def forward(self, x):
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, -1)
-        return self.down_proj(F.silu(gate) * up)
+        # Called one by one, like the attention projections: a wrapper around any of them must run.
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # (B, T, dim)
 
 
 class Block(nn.Module):
@@ -152,8 +184,8 @@ class Block(nn.Module):
         self.mlp = MLP(c)
         self.dropout = nn.Dropout(c.dropout)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, layer))
+    def forward(self, x, cos, sin, cache=None, layer=0, bias=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, bias))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -186,26 +218,39 @@ class GPT(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None):
-        """idx: (B, T) token ids. Returns logits (B, T, vocab) and, given targets, the mean loss."""
-        B, T = idx.shape
+    def forward(self, input_ids, labels=None, cache: KVCache | None = None, *, reduction: str = "mean",
+                position_ids=None, document_ids=None):
+        """input_ids: (B, T) token ids. labels: (B, T) the token that follows each position (already
+        shifted, unlike transformers' labels); -100 marks positions without a target.
+        position_ids: (B, T) RoPE positions instead of 0..T-1 (after any cached tokens); packed
+        sequences restart them per example. document_ids: (B, T) ints; a token attends only to
+        earlier tokens with the same id, so packed examples do not see each other.
+        Returns logits (B, T, vocab) and, given labels, the cross-entropy of the targets: their mean
+        (reduction="mean"), their sum ("sum"; the count is `(labels != -100).sum()`), or each
+        one ("none": (B, T), 0 where ignored)."""
+        B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
-        dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) \
+        end = start + T if position_ids is None else int(position_ids.max()) + 1
+        if end > self.config.max_seq_len:
+            raise ValueError(f"position {end - 1} is past max_seq_len {self.config.max_seq_len}; "
+                             f"use shorter sequences or a model with a larger max_seq_len")
+        if document_ids is not None and cache is not None:
+            raise ValueError("document_ids cannot be combined with a KV cache; run packed sequences without one")
+        dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled(input_ids.device.type) \
             else self.model.embed_tokens.weight.dtype
-        cos, sin = self.rotary(start, T, dtype)
-        x = self.model.embed_tokens(idx)                        # (B, T, dim)
+        cos, sin = self.rotary(start, T, dtype, position_ids)
+        bias = None if document_ids is None else document_mask(document_ids, dtype)   # (B, 1, T, T)
+        x = self.model.embed_tokens(input_ids)                  # (B, T, dim)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, cache, i)
+            x = block(x, cos, sin, cache, i, bias)
         x = self.model.norm(x)
         if cache is not None:
             cache.length += T
-        if targets is None:
-            return self.lm_head(x), None
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        logits = self.lm_head(x)                                # (B, T, vocab)
+        if labels is None:
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction=reduction)
+        return logits, loss.view(B, T) if reduction == "none" else loss
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -214,9 +259,13 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 per weight plus attention scores (PaLM appendix B)."""
+        """Training FLOPs per token (PaLM appendix B): 6 per weight of every matmul, the output head
+        included whether or not it shares the embedding's weight (the embedding lookup is no matmul),
+        plus 6 * n_layers * dim * seq_len for attention scores and values: PaLM's 12, halved
+        because causal attention needs only the lower triangle."""
         c = self.config
-        return 6 * self.num_parameters(non_embedding=True) + 6 * c.n_layers * c.dim * seq_len
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul_weights + 6 * c.n_layers * c.dim * seq_len
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
