@@ -8,33 +8,85 @@
     fledge recipe keys | check RECIPE      # every recipe key with its default and help; validate a recipe
     fledge data extract|pairs|synth|check|split|merge   # shape and check training data
 
-Errors a user can fix print one line and exit non-zero; `--debug` shows the traceback.
+Errors a user can fix print one line and exit non-zero (2 for a bad recipe or option); an
+unexpected exception is a bug in fledge: one line that says where, exit 70. `--debug`
+(before or after the verb) shows the traceback. Output cut short by a closed pipe
+(`fledge recipe keys | head -1`) ends quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
+from pathlib import Path
 
-from fledge.errors import FledgeError
+from fledge.errors import FledgeError, InternalError
+
+EXIT_BROKEN_PIPE = 141      # what a shell reports for a process ended by SIGPIPE (128 + 13)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Known before parsing, so that a failure while building the parser honours it too.
+    debug = "--debug" in (argv[:argv.index("--")] if "--" in argv else argv)
     try:
-        return args.func(args) or 0
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        debug = args.debug
+        if not getattr(args, "func", None):
+            parser.print_help()
+            code = 0
+        else:
+            code = args.func(args) or 0
+        sys.stdout.flush()      # a closed pipe shows up here, inside the handlers below
+        return code
     except FledgeError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`). Point stdout at devnull so that Python's final
+        # flush at exit does not raise again (the recipe in Python's signal module docs).
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except Exception as e:
+        if debug:
+            raise
+        print(f"error: {internal_error_message(e)}", file=sys.stderr)
+        return InternalError.exit_code
+
+
+def internal_error_message(e: BaseException) -> str:
+    """One line for an exception fledge did not expect: a bug, where it happened, how to report it."""
+    package = Path(__file__).resolve().parent
+    where = "unknown place"
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        try:
+            relative = Path(frame.filename).resolve().relative_to(package.parent)
+        except ValueError:
+            continue
+        where = f"{relative.as_posix()}:{frame.lineno}"
+        break
+    detail = " ".join(str(e).split())
+    if len(detail) > 300:
+        detail = detail[:300] + "..."
+    return (f"this is a bug in fledge: {type(e).__name__}{': ' + detail if detail else ''} (at {where}). Please "
+            f"report it with the command you ran and the output of `fledge env`; rerun with --debug to see the "
+            f"traceback.")
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):   # stdout replaced by an object without a descriptor
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass; 1: off")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same text")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps, or auto (cuda > mps > cpu)")
+    p.add_argument("--allow-code", action="store_true",
+                   help="let the checkpoint's recipe import the module its model.arch names (importing runs "
+                        "that module's code: only for checkpoints you trust)")
     p.set_defaults(func=_sample)
 
     from fledge.data.commands import register as register_data_commands
@@ -94,7 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("recipe")
     _add_overrides(q)
     q.set_defaults(func=_recipe_check)
+    _add_debug_to_verbs(parser)
     return parser
+
+
+def _add_debug_to_verbs(parser: argparse.ArgumentParser) -> None:
+    """Accept --debug after the verb too (`fledge sample RUN --debug`). SUPPRESS as the default
+    keeps a --debug given before the verb: a subcommand's defaults would overwrite it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("--debug" in a.option_strings for a in sub._actions):
+                    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                     help="show tracebacks for errors")
+                _add_debug_to_verbs(sub)
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -130,17 +198,27 @@ def _train(args) -> int:
     return 130 if result.interrupted else 0
 
 
+SAMPLE_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                "top_p": "--top-p", "num_samples": "--num-samples", "seed": "--seed", "device": "--device"}
+
+
 def _sample(args) -> int:
-    from fledge.sample import sample
+    from fledge.sample import sample, sample_options
+    values = {key: getattr(args, key) for key in SAMPLE_FLAGS}
+    sample_options(values, SAMPLE_FLAGS, "fledge sample")     # every bad option named by its flag, first
     stream = args.num_samples == 1
+    started = False
+
+    def show(i: int, piece: str) -> None:
+        nonlocal started
+        if not started:     # the prompt only once the model has loaded, so an error stands alone
+            print(args.prompt, end="")
+            started = True
+        print(piece, end="", flush=True)
+
+    texts = sample(args.run, args.prompt, **values, allow_code=args.allow_code, on_text=show if stream else None)
     if stream:
-        print(args.prompt, end="", flush=True)
-    texts = sample(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, num_samples=args.num_samples, seed=args.seed,
-                   device=args.device,
-                   on_text=(lambda i, piece: print(piece, end="", flush=True)) if stream else None)
-    if stream:
-        print()
+        print(("" if started else args.prompt) + "\n", end="")
         return 0
     for i, text in enumerate(texts):
         print(f"--- sample {i + 1}\n{args.prompt}{text}")

@@ -13,6 +13,7 @@ import json
 import sysconfig
 from pathlib import Path
 
+from fledge.files import atomic_open
 from fledge.recipe import Recipe, load_recipe
 
 QUICKSTART = {
@@ -50,14 +51,11 @@ def stdlib_sources(max_bytes: int) -> list[Path]:
 
 def write_corpus(path: Path, max_bytes: int) -> int:
     """One JSON line per source file: {"text", "file"}. Returns the number of documents."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     sources = stdlib_sources(max_bytes)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
+    with atomic_open(path) as out:
         for source in sources:
             text = source.read_text(encoding="utf-8", errors="replace")
             out.write(json.dumps({"text": text, "file": source.name}) + "\n")
-    tmp.replace(path)
     return len(sources)
 
 

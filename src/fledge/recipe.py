@@ -13,7 +13,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,7 @@ from typing import Any
 import yaml
 
 from fledge.errors import RecipeError
+from fledge.files import storage_error, write_atomic
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
@@ -43,6 +47,8 @@ class DataConfig:
     text_field: str = option("text", "field holding the text in .jsonl sources")
     strip_gutenberg: bool = option(False, "cut Project Gutenberg headers and footers (*** START/END OF ...)")
     on_decode_error: str = option("error", "what to do with bytes that are not UTF-8", choices=("error", "replace"))
+    on_bad_row: str = option("error", "a .jsonl row that is not a valid record: stop (error), or drop it and "
+                             "report it (skip)", choices=("error", "skip"))
     val_fraction: float = option(0.1, "share of the corpus held out for validation", min=0.0, max=0.5)
     split_seed: int = option(1234, "seed of the document-level train/val split")
     shard_tokens: int = option(100_000_000, "tokens per shard file", min=1000)
@@ -76,6 +82,11 @@ class ModelConfig:
     dropout: float = option(0.0, "dropout after attention and MLP", min=0.0, max=1.0)
     init_std: float = option(0.02, "std of the normal weight init", min=0.0)
 
+    # Not a recipe key: whether `arch` may name code to import (set by load_recipe's allow_code).
+    # build_model refuses a module:function arch unless this is true, so a recipe read from a
+    # checkpoint without permission can never run code, even after it is edited in Python.
+    code_allowed = False
+
 
 @dataclass
 class TrainConfig:
@@ -91,7 +102,7 @@ class TrainConfig:
     beta1: float = option(0.9, "AdamW beta1", min=0.0, max=1.0)
     beta2: float = option(0.99, "AdamW beta2", min=0.0, max=1.0)
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0: off", min=0.0)
-    seed: int = option(1337, "seed of init, batches and dropout")
+    seed: int = option(1337, "seed of init, batches and dropout", min=0, max=2**32 - 1)
     device: str = option("auto", "where to train; auto: cuda > mps > cpu", choices=("auto", "cpu", "cuda", "mps"))
     precision: str = option("auto", "auto: bf16 autocast on CUDA that supports it, else fp32; fast: also bf16 "
                             "on CPUs with native bf16 (AVX-512 BF16, AMX)",
@@ -146,20 +157,20 @@ class Recipe:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml())
-        tmp.replace(path)
+        write_atomic(path, self.to_yaml())
 
 
 # --- loading and validation -------------------------------------------------------------
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None, allow_code: bool = True) -> Recipe:
+                base: dict | None = None, allow_code: bool = True, check_machine: bool = True) -> Recipe:
     """Read a YAML recipe (or start from `base`), apply `key.path=value` overrides, validate.
 
     `allow_code=False` refuses a `model.arch: module:function` instead of importing it: use it
     for recipes saved inside runs and checkpoints, which the user did not write for this command.
+    `check_machine=False` skips the checks that matter only for running the recipe here (the
+    tensorboard package, a GPU for fp16, `name` as a folder under runs/): a saved recipe may
+    come from another machine or an older fledge.
     """
     source = str(path) if path else "recipe"
     raw: dict = {} if base is None else json.loads(json.dumps(base))
@@ -174,7 +185,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     recipe = _build(Recipe, raw, "", problems)
     if not problems:
         problems.extend(check_consistency(recipe, allow_code))
+    if check_machine:
+        problems.extend(check_machine_support(recipe))
     raise_problems(source, problems)
+    recipe.model.code_allowed = allow_code
     return recipe
 
 
@@ -192,11 +206,20 @@ def read_yaml_mapping(path: Path, what: str, shape: str) -> dict:
         raise RecipeError(f"{path}: no such {what} file. Check the path"
                           + (", for example one under recipes/." if what == "recipe" else "."))
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path} (byte {e.start}): not UTF-8 text ({e.reason}). Save the {what} file as "
+                          f"UTF-8.") from None
+    except OSError as e:
+        raise storage_error(e, path, "read") from None
+    try:
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}). Fix the syntax.") from None
+        raise RecipeError(f"{where}: not valid YAML ({_yaml_problem(e)}). Fix the syntax.") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to read. Fix the syntax.") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -211,13 +234,29 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's short description of a syntax error, on one line."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return " ".join(str(problem).split())
+
+
 def _apply_override(raw: dict, item: str, source: str) -> None:
     if "=" not in item:
         raise RecipeError(f"--set {item!r}: write overrides as key.path=value, e.g. --set train.lr=3e-4")
     key, _, text = item.partition("=")
-    value = yaml.safe_load(text) if text.strip() else ""
+    parts = [part.strip() for part in key.split(".")]
+    if not all(parts):
+        raise RecipeError(f"--set {item!r}: the key has an empty part; write key.path=value with a full dotted "
+                          f"key, e.g. --set train.lr=3e-4 (`fledge recipe keys` lists them)")
+    text = text.strip()     # surrounding spaces and tabs are never part of a value; YAML rejects tabs
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {item!r}: the value is not valid YAML ({_yaml_problem(e)}). Quote it, e.g. "
+                          f"--set '{'.'.join(parts)}=\"...\"'") from None
+    except RecursionError:
+        raise RecipeError(f"--set {item!r}: the value is nested too deeply") from None
     node = raw
-    parts = key.strip().split(".")
     for part in parts[:-1]:
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
@@ -237,6 +276,9 @@ def _apply_model_preset(raw: dict) -> None:
     model.update({k: v for k, v in PRESETS[name].items() if k not in model})
 
 
+# A run name becomes a folder under runs/: one path component that cannot climb out of it.
+RUN_NAME = re.compile(r"\w[\w.-]*")
+
 # Names other trainers use (nanoGPT, transformers, llama2.c), so a user's habit gets a useful hint.
 SYNONYMS = {"learning_rate": "lr", "max_iters": "max_steps", "n_layer": "n_layers", "n_head": "n_heads",
             "n_embd": "dim", "hidden_size": "dim", "num_hidden_layers": "n_layers",
@@ -245,7 +287,9 @@ SYNONYMS = {"learning_rate": "lr", "max_iters": "max_steps", "n_layer": "n_layer
             "eval_interval": "eval_every", "log_interval": "log_every", "vocab": "vocab_size"}
 
 
-def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+def _build(cls: type, raw: Any, prefix: str, problems: list[str],
+           names: typing.Mapping[str, str] | None = None) -> Any:
+    """`cls` from the mapping `raw`, appending every problem; `names` relabels keys in messages."""
     if not isinstance(raw, dict):
         problems.append(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping of keys, got {raw!r}")
         return cls()
@@ -263,12 +307,15 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             continue
         typ = hints[name]
         if dataclasses.is_dataclass(typ):
-            values[name] = _build(typ, raw[name], f"{prefix}{name}.", problems)
+            values[name] = _build(typ, raw[name], f"{prefix}{name}.", problems, names)
         else:
             ok, value = _coerce(raw[name], typ)
-            key = prefix + name
+            key = (names or {}).get(prefix + name, prefix + name)
             if not ok:
                 problems.append(f"{key} must be {_type_name(typ)}, got {raw[name]!r}")
+                continue
+            if typ is float and not math.isfinite(value):   # NaN passes every range check
+                problems.append(f"{key} is {value}; it must be a finite number")
                 continue
             problem = _check_range(key, value, f.metadata)
             if problem:
@@ -289,8 +336,12 @@ def _coerce(value: Any, typ: Any) -> tuple[bool, Any]:
                 return True, float(value)
             except ValueError:
                 return False, value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False, value
+        try:
+            return True, float(value)
+        except OverflowError:       # an integer too large for a float
+            return False, value
     if typ is str:
         return isinstance(value, str), value
     if typ is list:
@@ -322,19 +373,20 @@ def _check_range(key: str, value: Any, meta: typing.Mapping) -> str | None:
 
 def check_consistency(r: Recipe, allow_code: bool = True) -> list[str]:
     """Rules that tie several keys together (`allow_code`: may a module:function arch be imported)."""
-    from fledge.model.registry import PRESETS, is_known_arch
+    from fledge.model.registry import PRESETS, arch_syntax_problem
     out = []
     m, t = r.model, r.train
     if m.preset and m.preset not in PRESETS:
         close = difflib.get_close_matches(m.preset, list(PRESETS), n=1)
         out.append(f"model.preset {m.preset!r} is not known" + (f"; did you mean {close[0]}?" if close else "")
                    + f" Presets: {', '.join(PRESETS)}")
-    if not is_known_arch(m.arch):
-        out.append(f"model.arch {m.arch!r} is neither a registered architecture nor a 'module:function' "
-                   f"reference; registered: llama")
+    arch_problem = arch_syntax_problem(m.arch)
+    if arch_problem:
+        out.append(arch_problem)
     elif ":" in m.arch and not allow_code:
-        out.append(f"model.arch {m.arch!r} names code to import and run; fledge does not run code named by a "
-                   f"saved recipe unless you allow it (--allow-code), or the recipe you run names it")
+        out.append(f"model.arch {m.arch!r} names code to import and run; fledge runs code named by a saved "
+                   f"recipe only when you allow it: add --allow-code (allow_code=True in Python) if you "
+                   f"trust where this checkpoint came from")
     elif ":" in m.arch:
         from fledge.model.registry import resolve_arch
         try:
@@ -361,6 +413,35 @@ def check_consistency(r: Recipe, allow_code: bool = True) -> list[str]:
     return out
 
 
+def check_machine_support(r: Recipe) -> list[str]:
+    """Rules for a recipe about to run here: where the run goes, the packages and devices it needs."""
+    out = []
+    t = r.train
+    if not RUN_NAME.fullmatch(r.name):
+        out.append(f"name {r.name!r} must be a plain folder name (letters, digits, '_', '-' and '.', starting "
+                   f"with a letter, digit or '_'): the run goes to runs/<name>. To put it elsewhere, set run_dir")
+    if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        out.append("train.tensorboard is true but the tensorboard package is not installed. Install it with "
+                   "pip install 'fledge[tensorboard]', or set train.tensorboard: false")
+    if t.precision == "fp16" and _resolved_device(t.device) == "cpu":
+        where = "a CPU" if t.device == "cpu" else "this machine, which has no CUDA or MPS device (train.device: auto)"
+        out.append(f"train.precision fp16 does not run on {where}. Use train.precision: auto (fp32 here), or "
+                   f"bf16 on a CPU with native bf16 (see `fledge env`)")
+    return out
+
+
+def _resolved_device(name: str) -> str:
+    """The device type train.device picks on this machine (imports torch only for auto)."""
+    if name != "auto":
+        return name
+    import torch
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
     """(key, default, help) for every recipe key, for `fledge recipe keys` and docs."""
     rows = []
@@ -382,13 +463,15 @@ def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, 
 # --- other YAML specs ----------------------------------------------------------------------
 
 def load_config(cls: type, source: str | Path | dict, what: str,
-                finish: typing.Callable[[Any, list[str]], None] | None = None) -> Any:
+                finish: typing.Callable[[Any, list[str]], None] | None = None,
+                names: typing.Mapping[str, str] | None = None) -> Any:
     """Validate a YAML file (or an already-read mapping) into the dataclass `cls`, as recipes are.
 
     Used by specs that are not part of a recipe (`fledge data synth spec.yaml`, ...). `what`
     names the file in messages when `source` is a mapping. `finish(config, problems)` may build
     nested parts (lists of sub-specs) and add cross-key problems; every problem is reported
-    together, unknown keys with the closest valid name.
+    together, unknown keys with the closest valid name. `names` maps keys to how the user wrote
+    them (`{"top_p": "--top-p"}`) for the messages.
     """
     if isinstance(source, dict):
         raw, name = source, what
@@ -396,7 +479,7 @@ def load_config(cls: type, source: str | Path | dict, what: str,
         name = str(source)
         raw = read_yaml_mapping(Path(source), what, f"a {what} is a mapping of keys")
     problems: list[str] = []
-    config = _build(cls, raw, "", problems)
+    config = _build(cls, raw, "", problems, names)
     if finish is not None and isinstance(raw, dict):
         finish(config, problems)
     raise_problems(name, problems)

@@ -149,3 +149,120 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
                   cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"resuming at step {step}" in done.stdout and f"step {step + 2}/{step + 2}" in done.stdout
+
+
+# --- a checkpoint's recipe, pipes, bugs and --debug --------------------------------------
+
+MARKER_MODULE = '''
+from pathlib import Path
+Path("imported.txt").write_text("imported")
+
+def build(config, vocab_size):
+    from fledge.model.registry import build_llama
+    return build_llama(config, vocab_size)
+'''
+
+
+def tiny_checkpoint(run: Path, arch: str) -> Path:
+    """A run with one checkpoint of an untrained tiny model whose saved recipe names `arch`."""
+    import torch
+    import yaml
+
+    from fledge.model.registry import build_llama
+    from fledge.recipe import load_recipe
+    from fledge.tokenizer import train_tokenizer
+    from fledge.train.checkpoint import save_checkpoint
+    recipe = load_recipe(None, base={"name": "t", "tokenizer": {"kind": "char", "vocab_size": 64},
+                                     "model": {"n_layers": 1, "n_heads": 2, "dim": 16, "max_seq_len": 32},
+                                     "train": {"block_size": 16, "max_steps": 1, "warmup_steps": 0}})
+    tokenizer = train_tokenizer(recipe.tokenizer, ["the quick brown fox jumps over the lazy dog.\n"])
+    model = build_llama(recipe.model, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
+    saved = recipe.to_dict()
+    saved["model"]["arch"] = arch
+    state = {"step": 1, "vocab_size": tokenizer.vocab_size}
+    save_checkpoint(run, 1, model, torch.optim.AdamW(model.parameters()), state, yaml.safe_dump(saved),
+                    tokenizer.save(run / "data"), None, 1)
+    return run
+
+
+def test_sample_imports_code_named_by_a_checkpoint_only_with_allow_code(tmp_path):
+    (tmp_path / "fledge_marker_e2e.py").write_text(MARKER_MODULE)
+    tiny_checkpoint(tmp_path / "runs" / "t", "fledge_marker_e2e:build")
+    args = ["sample", "runs/t", "--prompt", "the ", "--max-new-tokens", "5"]
+    refused = fledge(*args, cwd=tmp_path)
+    assert_one_line_error(refused, "model.arch 'fledge_marker_e2e:build'", "--allow-code")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "imported.txt").exists()
+    allowed = fledge(*args, "--allow-code", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
+    assert (tmp_path / "imported.txt").exists() and allowed.stdout.startswith("the ")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "fledge", "recipe", "keys"], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()             # the reader is gone before fledge writes a line (like `| head -0`)
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err and err == "", err
+
+
+def test_an_unexpected_exception_is_reported_as_a_bug(monkeypatch, capsys):
+    from fledge import cli
+
+    def broken(args):
+        raise ValueError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "_recipe_keys", broken)
+    assert cli.main(["recipe", "keys"]) == 70
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for fragment in ("bug in fledge", "ValueError: boom second line", "fledge/cli.py:", "fledge env", "--debug"):
+        assert fragment in err, err
+    with pytest.raises(ValueError):
+        cli.main(["recipe", "keys", "--debug"])
+
+
+def test_debug_before_or_after_the_verb_shows_the_traceback(tmp_path, capsys):
+    from fledge import cli
+    from fledge.errors import RecipeError
+    missing = str(tmp_path / "missing.yaml")
+    assert cli.main(["recipe", "check", missing]) == 2
+    assert "no such recipe file" in capsys.readouterr().err
+    for argv in (["--debug", "recipe", "check", missing], ["recipe", "check", missing, "--debug"],
+                 ["sample", missing, "--debug"]):
+        with pytest.raises(Exception) as e:
+            cli.main(argv)
+        assert isinstance(e.value, RecipeError) or type(e.value).__name__ == "CheckpointError"
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--set", "train.lr=[1,"], "not valid YAML"),
+    (["--set", "=3"], "empty part"),
+    (["--set", "train.=3"], "empty part"),
+    (["--set", ".lr=3"], "empty part"),
+    (["--set", "model.arch=.foo:bar"], "Relative imports are not allowed"),
+    (["--set", "train.lr=.nan"], "train.lr is nan; it must be a finite number"),
+    (["--set", "name=../../x"], "name '../../x' must be a plain folder name"),
+    (["--set", "train.precision=fp16", "--set", "train.device=cpu"], "train.precision fp16 does not run on a CPU"),
+])
+def test_recipe_check_reports_bad_values_on_one_line(tmp_path, capsys, extra, fragment):
+    from fledge import cli
+    path = recipe(tmp_path, "[a.txt]")
+    assert cli.main(["recipe", "check", str(path), *extra]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and fragment in err and "Traceback" not in err, err
+
+
+def test_recipe_check_tab_in_a_set_value(tmp_path, capsys):
+    from fledge import cli
+    assert cli.main(["recipe", "check", str(recipe(tmp_path, "[a.txt]")), "--set", "train.lr=\t3e-4"]) == 0
+    assert "lr: 0.0003" in capsys.readouterr().out
+
+
+def test_recipe_check_non_utf8_file(tmp_path, capsys):
+    from fledge import cli
+    (tmp_path / "recipe.yaml").write_bytes(b"# fledge train recipe.yaml\nname: \xff\n")
+    assert cli.main(["recipe", "check", str(tmp_path / "recipe.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "recipe.yaml (byte 33): not UTF-8" in err and len(err.strip().splitlines()) == 1

@@ -3,12 +3,15 @@ overrides checked the same way, and every shipped recipe under recipes/ validate
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fledge.errors import RecipeError
-from fledge.recipe import describe_keys, load_recipe
+from fledge.recipe import Recipe, describe_keys, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,3 +95,141 @@ def test_shipped_recipe_opens_with_its_command(path):
 @pytest.mark.parametrize("path", RUN_RECIPES, ids=[str(p.relative_to(REPO)) for p in RUN_RECIPES])
 def test_shipped_run_recipe_validates(path):
     load_recipe(path)
+
+
+# --- values that pass a range check by accident, and hostile text ---------------------------
+
+def float_keys(cls=Recipe, prefix: str = "") -> list[str]:
+    """Every recipe key typed float, found by walking the dataclasses."""
+    out = []
+    for f in dataclasses.fields(cls):
+        typ = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(typ):
+            out += float_keys(typ, f"{prefix}{f.name}.")
+        elif typ is float:
+            out.append(prefix + f.name)
+    return out
+
+
+FLOAT_KEYS = float_keys()
+
+
+def test_float_keys_are_found():
+    assert {"train.lr", "model.norm_eps", "sample.top_p", "data.val_fraction"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "1e999"])
+def test_non_finite_floats_are_refused_with_the_key_named(key, value):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, [f"{key}={value}"])
+    assert f"{key} is {float(yaml.safe_load(value))}; it must be a finite number" in str(e.value)
+
+
+def test_an_integer_too_large_for_a_float_is_a_type_problem(tmp_path):
+    with pytest.raises(RecipeError, match="train.lr must be a number"):
+        load_recipe(write(tmp_path, f"train:\n  lr: {10**400}\n"))
+
+
+def test_train_seed_must_fit_torch(tmp_path):
+    with pytest.raises(RecipeError, match=r"train.seed is 18446744073709551616; it must be from 0 to"):
+        load_recipe(None, [f"train.seed={2**64}"])
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("train.lr=[1,", "the value is not valid YAML"),
+    ("train.lr=@x", "the value is not valid YAML"),
+    ("=3", "empty part"),
+    ("train.=3", "empty part"),
+    (".lr=3", "empty part"),
+    ("train..lr=3", "empty part"),
+])
+def test_bad_overrides_are_one_line(item, fragment):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, [item])
+    message = str(e.value)
+    assert fragment in message and len(message.splitlines()) == 1 and repr(item) in message
+
+
+def test_override_value_surrounded_by_tabs_is_read(tmp_path):
+    assert load_recipe(None, ["train.lr=\t3e-4 "]).train.lr == 3e-4
+
+
+def test_non_utf8_recipe_names_the_file_and_byte(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(e.value).startswith(f"{path} (byte 9): not UTF-8") and len(str(e.value).splitlines()) == 1
+
+
+def test_yaml_error_without_a_line_is_one_line(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, "train: !!python/object:os.system x\n"))
+    assert "not valid YAML" in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("arch", [".foo:bar", "foo:.bar", "foo.:bar", "foo:bar:baz", "1foo:bar", "foo bar:x"])
+def test_malformed_arch_reference_is_a_recipe_problem(arch):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, [f"model.arch={arch}"])
+    assert "model.arch" in str(e.value) and len(str(e.value).splitlines()) == 1
+    if arch.startswith("."):
+        assert "Relative imports are not allowed" in str(e.value)
+
+
+def test_arch_module_that_fails_on_import_is_a_recipe_problem(tmp_path, monkeypatch):
+    (tmp_path / "fledge_broken_arch.py").write_text("raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RecipeError, match="importing fledge_broken_arch failed: RuntimeError: boom"):
+        load_recipe(None, ["model.arch=fledge_broken_arch:build"])
+
+
+def test_saved_recipe_naming_code_is_refused_without_permission(tmp_path):
+    with pytest.raises(RecipeError, match="--allow-code"):
+        load_recipe(write(tmp_path, "model:\n  arch: some_module:build\n"), allow_code=False)
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "a/b", "a\\b", ".hidden", "..", "", "-x", "a b"])
+def test_run_name_must_be_a_plain_folder_name(name):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, base={"name": name})
+    assert f"name {name!r} must be a plain folder name" in str(e.value) and "run_dir" in str(e.value)
+
+
+def test_run_name_and_run_dir_that_are_fine():
+    assert load_recipe(None, base={"name": "gpt-2_small.v1"}).run_path == Path("runs/gpt-2_small.v1")
+    assert load_recipe(None, base={"run_dir": "../elsewhere/x"}).run_path == Path("../elsewhere/x")
+
+
+def test_tensorboard_without_the_package_is_caught_at_load_time(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(RecipeError, match=r"train.tensorboard is true but the tensorboard package is not "
+                                          r"installed. Install it with pip install 'fledge\[tensorboard\]'"):
+        load_recipe(None, ["train.tensorboard=true"])
+    assert load_recipe(None, ["train.tensorboard=true"], check_machine=False).train.tensorboard
+
+
+def test_fp16_on_a_cpu_is_caught_at_load_time(monkeypatch):
+    import torch
+    with pytest.raises(RecipeError, match="train.precision fp16 does not run on a CPU"):
+        load_recipe(None, ["train.precision=fp16", "train.device=cpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(RecipeError, match="has no CUDA or MPS device"):
+        load_recipe(None, ["train.precision=fp16"])
+    assert load_recipe(None, ["train.precision=fp16"], check_machine=False).train.precision == "fp16"
+    assert load_recipe(None, ["train.precision=fp16", "train.device=cuda"]).train.precision == "fp16"
+
+
+def test_save_is_atomic_and_refuses_a_folder(tmp_path):
+    from fledge.errors import StorageError
+    recipe = load_recipe(None, base={"name": "demo"})
+    recipe.save(tmp_path / "deep" / "recipe.yaml")
+    assert load_recipe(tmp_path / "deep" / "recipe.yaml") == recipe
+    assert [p.name for p in (tmp_path / "deep").iterdir()] == ["recipe.yaml"]
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(StorageError, match="is a folder"):
+        recipe.save(tmp_path / "folder.yaml")

@@ -5,11 +5,17 @@ the form `package.module:function` is your own architecture: fledge imports it a
 `function(config: ModelConfig, vocab_size: int) -> nn.Module`. The module must return
 `(logits, loss)` from `forward(idx, targets=None)`, like `GPT` does; training, checkpoints
 and evaluation then work unchanged (sampling needs a `generate` method too).
+
+Importing a module runs its code, so `build_model` imports one only for a `ModelConfig` that
+`load_recipe(..., allow_code=True)` produced (the recipe the user runs), or when the caller
+passes `allow_code=True`; a recipe read from a checkpoint needs the user's permission
+(`fledge sample --allow-code`).
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -41,29 +47,65 @@ def build_llama(config: ModelConfig, vocab_size: int, bos_id: int | None = None,
 ARCHITECTURES: dict[str, Callable] = {"llama": build_llama}
 
 
+# package.module:function, absolute (a relative `.module` has no package to be relative to).
+CODE_REFERENCE = re.compile(r"[^\W\d]\w*(\.[^\W\d]\w*)*:[^\W\d]\w*")
+
+
+def arch_syntax_problem(name: str) -> str | None:
+    """Why `name` is neither a registered architecture nor a module:function reference, or None."""
+    if name in ARCHITECTURES or CODE_REFERENCE.fullmatch(name):
+        return None
+    hint = ""
+    if name.startswith(".") or ":." in name:
+        hint = " Relative imports are not allowed: write the full dotted module path."
+    return (f"model.arch {name!r} is neither a registered architecture ({', '.join(ARCHITECTURES)}) nor a "
+            f"'package.module:function' reference.{hint}")
+
+
 def is_known_arch(name: str) -> bool:
-    return name in ARCHITECTURES or (":" in name and all(name.partition(":")[::2]))
+    return arch_syntax_problem(name) is None
 
 
 def resolve_arch(name: str) -> Callable:
-    """The builder for a registered name or a 'module:function' reference."""
+    """The builder for a registered name or a 'module:function' reference (imports the module)."""
     from fledge.errors import RecipeError
     if name in ARCHITECTURES:
         return ARCHITECTURES[name]
+    problem = arch_syntax_problem(name)
+    if problem:
+        raise RecipeError(problem)
     module_name, _, func_name = name.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise RecipeError(f"model.arch {name!r}: cannot import {module_name!r} ({e}). Make the module importable "
                           f"(install it, or run from the folder that holds it).") from None
+    except Exception as e:       # the module's own code failed; --debug shows its traceback
+        raise RecipeError(f"model.arch {name!r}: importing {module_name} failed: {type(e).__name__}: {e}. "
+                          f"Fix the module.") from e
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise RecipeError(f"model.arch {name!r}: {module_name} has no function {func_name!r}.")
     return fn
 
 
-def build_model(config: ModelConfig, vocab_size: int, bos_id: int | None = None, eos_id: int | None = None):
+def build_model(config: ModelConfig, vocab_size: int, bos_id: int | None = None, eos_id: int | None = None,
+                *, allow_code: bool | None = None):
+    """The model `config.arch` names. A module:function arch is imported only when `allow_code` is
+    true, or (None) when `config` came from `load_recipe(..., allow_code=True)`."""
+    from fledge.errors import RecipeError
+    if config.arch not in ARCHITECTURES:
+        allowed = getattr(config, "code_allowed", False) if allow_code is None else allow_code
+        if not allowed:
+            raise RecipeError(f"model.arch {config.arch!r} names code to import and run, and this model config "
+                              f"was loaded without permission to run code. Load the recipe with "
+                              f"load_recipe(..., allow_code=True) (fledge sample --allow-code), or pass "
+                              f"allow_code=True to build_model, if you trust it.")
     builder = resolve_arch(config.arch)
     if builder is build_llama:
         return build_llama(config, vocab_size, bos_id, eos_id)
-    return builder(config, vocab_size)
+    try:
+        return builder(config, vocab_size)
+    except Exception as e:       # the user's builder failed; --debug shows its traceback
+        raise RecipeError(f"model.arch {config.arch!r}: the function raised {type(e).__name__}: {e}. "
+                          f"Fix the function.") from e
