@@ -1,15 +1,12 @@
 """`fledge data ...` end to end on a tiny folder: extract -> pairs -> synth -> merge -> split -> check.
 
 Runs the real CLI (`python -m fledge data ...`) in a subprocess, and the same flow in-process
-through `fledge.data.commands.register` on a bare parser, so the CLI layer is tested even where
-the main parser does not register `data` yet.
+through `fledge.cli.main`, the entry point itself (its error printing included). A missing
+`data` verb fails both, never skips.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -43,46 +40,23 @@ templates:
 """
 
 
-def _cli_has_data() -> bool:
-    proc = subprocess.run([sys.executable, "-m", "fledge", "data", "--help"], env=ENV, capture_output=True,
-                          text=True, timeout=120)
-    return proc.returncode == 0
-
-
-def _in_process(args: list[str], cwd: Path) -> tuple[int, str, str]:
-    from fledge.data.commands import register
-    from fledge.errors import FledgeError
-    parser = argparse.ArgumentParser(prog="fledge")
-    register(parser.add_subparsers())
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            parsed = parser.parse_args(args)
-            try:
-                code = parsed.func(parsed)
-            except FledgeError as e:
-                print(f"error: {e}", file=sys.stderr)
-                code = e.exit_code
-    finally:
-        os.chdir(old)
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(params=["in-process", "subprocess"])
-def fledge(request):
+def fledge(request, capsys, monkeypatch):
     if request.param == "subprocess":
-        if not _cli_has_data():
-            pytest.skip("fledge.cli does not register the `data` verb yet (one line: "
-                        "fledge.data.commands.register(verbs))")
-
         def run(args: list[str], cwd: Path) -> tuple[int, str, str]:
             proc = subprocess.run([sys.executable, "-m", "fledge", *args], cwd=cwd, env=ENV, capture_output=True,
                                   text=True, timeout=300)
             return proc.returncode, proc.stdout, proc.stderr
         return run
-    return _in_process
+
+    def run_in_process(args: list[str], cwd: Path) -> tuple[int, str, str]:
+        from fledge.cli import main
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = main(args)
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run_in_process
 
 
 def lines(path: Path) -> list[dict]:
@@ -152,3 +126,85 @@ def test_check_reports_limn_duplicates_and_exits_nonzero(tmp_path, fledge):
     assert counts == {"schema": 5, "duplicates": 651, "identity": 718, "near_duplicates": 238}
     code, out, err = fledge(["data", "check", str(path), "--examples", "1"], tmp_path)
     assert "x 651 exact duplicate rows" in out and "x 718 rows have input == output" in out
+
+
+REFUSALS = [   # (argv, start of the one error line); none of them may write a file or change an input
+    (["data", "merge", "in.jsonl", "-o", "outdir"], "error: -o outdir is a folder; fledge writes only regular files"),
+    (["data", "merge", "in.jsonl", "-o", "pipe.jsonl"], "error: -o pipe.jsonl is not a regular file"),
+    (["data", "merge", "in.jsonl", "-o", "./in.jsonl"], "error: output ./in.jsonl is also an input (in.jsonl)"),
+    (["data", "merge", "in.jsonl", "-o", "link.jsonl"], "error: output link.jsonl is also an input (in.jsonl)"),
+    (["data", "split", "in.jsonl", "--train-out", "t.jsonl", "--val-out", "outdir/../t.jsonl"],
+     "error: --train-out and --val-out name the same file"),
+    (["data", "split", "in.jsonl", "--train-out", "in.jsonl", "--val-out", "v.jsonl"],
+     "error: training output in.jsonl is also an input"),
+    (["data", "check", "outdir"], "error: no data files in outdir"),
+    (["data", "check", "pipe.jsonl"], "error: pipe.jsonl: not a regular file (a pipe, socket or device)"),
+    (["data", "merge", "pipe.jsonl", "-o", "m.jsonl"], "error: pipe.jsonl: not a regular file"),
+    (["data", "extract", "docs", "-o", "docs/rows.jsonl"], "error: -o docs/rows.jsonl is also an input"),
+    (["data", "synth", "synth.yaml", "--count", "0", "-o", "s.jsonl"], "error: --count 0: count must be at least 1"),
+    (["data", "synth", "synth.yaml", "-o", "synth.yaml"], "error: -o synth.yaml is also an input"),
+    (["data", "pairs", "in.jsonl", "-o", "in.jsonl", "--strategy", "completion"],
+     "error: -o in.jsonl is also an input"),
+]
+
+
+@pytest.fixture
+def refusal_tree(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"input": "sol lux gro", "output": "vel"}\n{"input": "a b", "output": "c"}\n')
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "in.jsonl")
+    (tmp_path / "outdir").mkdir()
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "rows.jsonl").write_text("old rows\n")
+    (tmp_path / "synth.yaml").write_text(SYNTH)
+    return tmp_path
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() and not p.is_symlink() else None
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("argv,start", REFUSALS, ids=[" ".join(a[1:3]) + f"-{i}" for i, (a, _) in enumerate(REFUSALS)])
+def test_refusals_are_one_line_and_touch_nothing(refusal_tree, argv, start, capsys, monkeypatch):
+    from fledge.cli import main
+    monkeypatch.chdir(refusal_tree)
+    before = _snapshot(refusal_tree)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code != 0 and err.startswith(start), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err + out
+    assert _snapshot(refusal_tree) == before
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["data", "check", "in.jsonl", "--near-threshold", "nan"], "--near-threshold"),
+    (["data", "check", "in.jsonl", "--max-duplicate-rate", "inf"], "--max-duplicate-rate"),
+    (["data", "split", "in.jsonl", "--out-dir", "o", "--ratio", "NaN"], "--ratio"),
+    (["data", "merge", "in.jsonl", "-o", "m.jsonl", "--near-threshold=-inf"], "--near-threshold"),
+])
+def test_nan_and_infinity_flags_are_refused_naming_the_flag(refusal_tree, argv, flag, capsys, monkeypatch):
+    from fledge.cli import main
+    monkeypatch.chdir(refusal_tree)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert f"argument {flag}: {argv[-1].split('=')[-1]} is not a finite number" in capsys.readouterr().err
+
+
+def test_a_nan_in_a_config_file_is_refused_naming_the_key(refusal_tree, capsys, monkeypatch):
+    from fledge.cli import main
+    monkeypatch.chdir(refusal_tree)
+    (refusal_tree / "check.yaml").write_text("max_identity_rate: .nan\n")
+    assert main(["data", "check", "in.jsonl", "--config", "check.yaml"]) != 0
+    assert "check.yaml: max_identity_rate is nan; it must be a finite number" in capsys.readouterr().err
+
+
+def test_template_strategy_flags_keep_their_braces(refusal_tree, capsys, monkeypatch):
+    from fledge.cli import main
+    monkeypatch.chdir(refusal_tree)
+    (refusal_tree / "expr.jsonl").write_text('{"text": "sol lux", "file": "a", "line": 1}\n')
+    assert main(["data", "pairs", "expr.jsonl", "-o", "p.jsonl", "--strategy",
+                 "template:input={x},output=say, then {x}", "--keep-identity"]) == 0
+    assert lines(refusal_tree / "p.jsonl")[0]["input"] == "sol lux"
+    assert lines(refusal_tree / "p.jsonl")[0]["output"] == "say, then sol lux"

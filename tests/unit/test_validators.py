@@ -113,6 +113,13 @@ def test_dot_batch_agrees_with_one_call_each(dot):
     assert dot.validate_many(texts) == one_by_one == small_batches
 
 
+@needs_dot
+def test_dot_text_with_a_lone_surrogate_is_rejected_not_a_crash(dot):
+    texts = ["digraph { a -> b }", 'digraph { a [label="x\ud800"] }', "digraph { c }"]
+    assert [v.ok for v in dot.validate_many(texts)] == [True, False, True]
+    assert "lone surrogate" in dot(texts[1]).message
+
+
 def test_dot_without_graphviz_cannot_judge(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no `dot` on it
     validator = get_validator("dot")
@@ -460,6 +467,18 @@ def test_json_schema():
     assert validator('{"id": "3"}').message == "at $.id: '3' is not of type 'integer'"
     assert validator('{"name": 1}').message == "at $: 'id' is a required property"
     assert validator('{"id": 3').message.startswith("line 1 column")
+
+
+@pytest.mark.parametrize("text,ok,fragment", [
+    ("[1, NaN]", False, "NaN is not JSON"),
+    ('{"x": -Infinity}', False, "-Infinity is not JSON"),
+    ("[" + "9" * 5000 + "]", None, "more digits than Python reads"),
+    ("[" * 100_000 + "]" * 100_000, None, "nested too deeply"),
+    ('{"x": 1e999}', True, ""),           # JSON sets no limit on numbers; Python reads it as inf
+])
+def test_json_that_python_reads_differently_is_judged_or_left_unjudged(text, ok, fragment):
+    verdict = get_validator("json", extract=False)(text)
+    assert verdict.ok is ok and fragment in verdict.message
 
 
 def test_json_schema_problems_are_found_at_load_time(tmp_path):

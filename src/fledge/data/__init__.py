@@ -9,7 +9,9 @@
 
 Every tool is a library function first; `fledge data ...` (commands.py) only parses and prints.
 `records.py` reads every row format the fine-tuning stage accepts into one view (`Record`),
-and `dedupe.py` finds exact and near duplicates (MinHash with LSH banding).
+`sources.py` finds the input files and reads their rows strictly (a hostile row is an invalid
+row at its file:line, never a crash), and `dedupe.py` finds exact and near duplicates (MinHash
+with LSH banding).
 """
 
 from fledge.data.check import CheckConfig, CheckReport, check

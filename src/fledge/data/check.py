@@ -16,6 +16,7 @@ above its threshold is an error, a nonzero count at or below it a warning.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -25,8 +26,9 @@ from typing import Any, Callable
 import numpy as np
 
 from fledge.data.dedupe import DuplicateIndex, NearOptions, cross_duplicates, exact_keys
-from fledge.data.records import FieldMap, Record, RowProblem, expand_sources, scan_file
-from fledge.errors import DataError, FledgeError
+from fledge.data.records import (FieldMap, Record, RowProblem, expand_sources, non_finite_problems, refuse_non_finite,
+                                 scan_file)
+from fledge.errors import DataError, DependencyError, FledgeError
 from fledge.recipe import load_config, option, section
 
 BATCH = 8192
@@ -72,6 +74,7 @@ def load_check_config(source: str | Path | dict) -> CheckConfig:
                 parse_validator_spec(v)
             except FledgeError as e:
                 problems.append(f"validators[{i}]: {e}")
+        problems.extend(non_finite_problems(config))
     return load_config(CheckConfig, source, "check config", finish)
 
 
@@ -239,23 +242,46 @@ def load_token_counter(path: str) -> Callable[[list[str]], list[int]]:
             from tokenizers import Tokenizer
             hf = Tokenizer.from_file(str(hf_file))
             return lambda texts: [len(e.ids) for e in hf.encode_batch(texts, add_special_tokens=False)]
-        except Exception as e:  # tokenizers raises its own exception types
-            reasons.append(f"tokenizers: {e}")
+        except Exception as e:  # tokenizers raises plain Exception for a file it cannot parse
+            reasons.append(f"tokenizers could not read {hf_file.name} ({type(e).__name__}: {e})")
     known = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
     if p.is_dir() and not any((p / name).is_file() for name in known):
         have = sorted(x.name for x in p.iterdir())[:10]
         raise DataError(f"{p}: no tokenizer files ({', '.join(known)}); found {', '.join(have) or 'nothing'}. "
                         f"Pass a run's data folder (fledge prepare RECIPE makes one) or a Hugging Face model folder.")
     if p.is_dir():
+        code = _custom_code(p)
+        if code:
+            raise DataError(f"{p}: this tokenizer needs its own Python code ({code}), and fledge does not run code "
+                            f"from a model folder. Pass a folder with a tokenizer.json or tokenizer.model instead.")
         try:
             from transformers import AutoTokenizer
-            auto = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        except ImportError:
+            raise DependencyError(f"{p}: reading this tokenizer folder needs transformers (pip install "
+                                  f"transformers), or pass its tokenizer.json.") from None
+        try:   # trust_remote_code=False: never run a folder's own code, never ask whether to
+            auto = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
             return lambda texts: [len(ids) for ids in auto(texts, add_special_tokens=False)["input_ids"]]
-        except Exception as e:  # transformers raises many exception types for a folder it cannot read
-            reasons.append(f"transformers: {e}")
+        except (OSError, ValueError, KeyError, TypeError) as e:  # what transformers raises for a folder it cannot read
+            reasons.append(f"transformers could not load it ({type(e).__name__}: {e})")
     first_lines = "; ".join(r.strip().splitlines()[0] for r in reasons if r.strip())
     raise DataError(f"{p}: cannot load a tokenizer ({first_lines}). Pass a tokenizer.json, tokenizer.model, or "
                     f"a folder holding one.")
+
+
+def _custom_code(folder: Path) -> str:
+    """Where a model folder asks for its own Python code (an auto_map entry), or ''."""
+    for name in ("tokenizer_config.json", "config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue   # transformers reports an unreadable config itself
+        if isinstance(config, dict) and config.get("auto_map"):
+            return f"auto_map in {name}"
+    return ""
 
 
 # --- the check ---------------------------------------------------------------------------------
@@ -357,6 +383,7 @@ def check(paths: list[str | Path], config: CheckConfig | None = None,
           val: list[str | Path] | None = None) -> CheckReport:
     """Check training files (and validation files for leakage); see the module docstring."""
     config = config or CheckConfig()
+    refuse_non_finite(config, "check config")
     fields = FieldMap(config.input_field, config.output_field)
     near = config.near if config.near_duplicates else None
     train = _Side(expand_sources(paths), near)
@@ -382,8 +409,11 @@ def check(paths: list[str | Path], config: CheckConfig | None = None,
         f"{train.invalid:,} row{'s' if train.invalid != 1 else ''} fit no training format"
         + (f" (limit {config.max_invalid_rows})" if config.max_invalid_rows else ""),
         [str(p) for p in train.problems])
-    for path in train.empty_files:
-        add("empty_file", 1, None, f"{path} holds no rows", [], warn_only=True)
+    if n + train.invalid == 0:
+        add("no_rows", 1, 0, _no_rows_message(train.paths, "training"), [])
+    else:
+        for path in train.empty_files:
+            add("empty_file", 1, None, f"{path} holds no rows", [], warn_only=True)
     if n:
         _duplicate_findings(train, config, add)
         identity = np.flatnonzero(np.concatenate(measures.identity))
@@ -400,6 +430,12 @@ def check(paths: list[str | Path], config: CheckConfig | None = None,
         stats["val_rows"] = _leakage_findings(train, val, config, fields, near, add)
     return CheckReport([str(p) for p in train.paths], [str(v) for v in val or []], n, train.invalid,
                        dict(train.formats), findings, stats, [str(p) for p in train.problems])
+
+
+def _no_rows_message(paths: list[Path], what: str) -> str:
+    names = ", ".join(map(str, paths[:5])) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    return (f"no {what} rows: {names} hold{'s' if len(paths) == 1 else ''} no rows. Check the paths, or make rows "
+            f"with fledge data extract, pairs or synth")
 
 
 def _duplicate_findings(train: _Side, config: CheckConfig, add: Callable) -> None:
@@ -480,6 +516,8 @@ def _leakage_findings(train: _Side, val_paths: list, config: CheckConfig, fields
     add("val_schema", val.invalid, config.max_invalid_rows,
         f"{val.invalid:,} validation rows fit no training format", [str(p) for p in val.problems])
     m = val.index.size
+    if m + val.invalid == 0:
+        add("val_no_rows", 1, 0, _no_rows_message(val.paths, "validation"), [])
     if not m or not train.index.size:
         return m
     exact, close = cross_duplicates(train.index, val.index)

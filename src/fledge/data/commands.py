@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,6 +53,14 @@ def _configure(loader: Callable[[Any], Any], spec: str | None, flags: dict[str, 
             node = node.setdefault(part, {})
         node[leaf] = value
     return loader(raw)
+
+
+def number(text: str) -> float:
+    """argparse type of every rate and threshold flag: a finite number (NaN and inf are refused)."""
+    value = float(text)   # ValueError: argparse says "invalid number value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
 
 
 def _fields(p: argparse.ArgumentParser) -> None:
@@ -93,12 +102,14 @@ def _add_extract(verbs: Any) -> None:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from fledge.data.extract import extract, load_extract_config
+    from fledge.data.extract import extract, load_extract_config, walk_files
     from fledge.data.records import write_jsonl
+    from fledge.data.sources import refuse_overwrite
     keys = ("include", "exclude", "unit", "languages", "block_lines", "inline_code", "keep", "drop",
             "comment_prefixes", "context_from_comments", "dedupe")
     config = _configure(load_extract_config, args.spec, {"root": args.root, **{k: getattr(args, k) for k in keys}})
     out = _output(args, config.output, "spec")
+    refuse_overwrite([("-o", out)], (path for path, _ in walk_files(config.root, config.include, config.exclude)))
     result = extract(config)
     write_jsonl(result.rows, out)
     print(f"{out}: {result.summary()}")
@@ -127,6 +138,7 @@ def run_pairs(args: argparse.Namespace) -> int:
     from fledge.data.pairs import (load_pairs_config, make_pairs, parse_strategy_flag, read_expressions,
                                    strategies_of)
     from fledge.data.records import write_jsonl
+    from fledge.data.sources import refuse_overwrite
     flags = {"seed": args.seed, "drop_identity": args.drop_identity, "dedupe": args.dedupe,
              "inputs": args.inputs or None,
              "strategies": [parse_strategy_flag(s) for s in args.strategy] if args.strategy else None}
@@ -136,10 +148,11 @@ def run_pairs(args: argparse.Namespace) -> int:
     strategies = strategies_of(config)
     if not config.inputs:
         raise DataError("no input files: pass expression files (extract output) or set inputs: in the spec.")
+    out = _output(args, config.output, "spec")
+    refuse_overwrite([("-o", out)], config.inputs + ([args.spec] if args.spec else []))
     expressions = [e for path in config.inputs for e in read_expressions(path, args.text_field)]
     rows, report = make_pairs(expressions, strategies, config.seed, config.dedupe, config.drop_identity,
                               config.shuffle)
-    out = _output(args, config.output, "spec")
     write_jsonl(rows, out)
     print(f"{out}: {report.summary()}")
     return 0
@@ -161,7 +174,10 @@ def _add_synth(verbs: Any) -> None:
 
 def run_synth(args: argparse.Namespace) -> int:
     from fledge.data.records import write_jsonl
-    from fledge.data.synthesize import load_synth_spec, synthesize, template_space
+    from fledge.data.sources import refuse_overwrite
+    from fledge.data.synthesize import load_synth_spec, slot_files, synthesize, template_space
+    if args.count is not None and args.count < 1:
+        raise DataError(f"--count {args.count}: count must be at least 1 (the number of rows to make).")
     synth = load_synth_spec(args.spec)
     if args.allow_fewer:
         synth.spec.allow_fewer = True
@@ -172,6 +188,7 @@ def run_synth(args: argparse.Namespace) -> int:
         print(f"{'total':<30} {sum(space.values()):>14,}")
         return 0
     out = _output(args, synth.spec.output, "spec")
+    refuse_overwrite([("-o", out)], [args.spec, *slot_files(synth)])
     result = synthesize(synth, count=args.count, seed=args.seed)
     write_jsonl(result.rows, out)
     print(f"{out}: {result.summary()}")
@@ -198,11 +215,11 @@ def _add_check(verbs: Any) -> None:
                    help="count values of this field for balance, e.g. metadata.type")
     p.add_argument("--validate", action="append", default=None, metavar="FIELD=VALIDATOR",
                    help="validator pass rate of a field, e.g. output=cypher (repeat)")
-    p.add_argument("--near-threshold", type=float, default=None, help="Jaccard similarity of near duplicates")
+    p.add_argument("--near-threshold", type=number, default=None, help="Jaccard similarity of near duplicates")
     p.add_argument("--no-near", dest="near_duplicates", action="store_false", default=None,
                    help="skip near-duplicate detection")
     for rate in _CHECK_RATES:
-        p.add_argument("--" + rate.replace("_", "-"), type=float, default=None, metavar="RATE")
+        p.add_argument("--" + rate.replace("_", "-"), type=number, default=None, metavar="RATE")
     p.add_argument("--max-invalid-rows", type=int, default=None, metavar="N")
     p.add_argument("--examples", type=int, default=None, help="example rows shown per finding")
     p.add_argument("--strict", action="store_true", default=None, help="treat warnings as errors")
@@ -231,7 +248,7 @@ def run_check(args: argparse.Namespace) -> int:
 def _dedupe_flags(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--dedupe", default=None, choices=("none", "exact", "near"),
                    help=f"drop repeated rows (default: {default})")
-    p.add_argument("--near-threshold", type=float, default=None, help="Jaccard similarity of near duplicates")
+    p.add_argument("--near-threshold", type=number, default=None, help="Jaccard similarity of near duplicates")
     p.add_argument("--to", default=None, help="row shape written: keep (default), io, alpaca, chat, "
                                               "prompt_completion, text")
     p.add_argument("--drop-invalid", action="store_true", default=None,
@@ -245,7 +262,7 @@ def _add_split(verbs: Any) -> None:
     p.add_argument("--out-dir", default=None, help="write train.jsonl and val.jsonl here")
     p.add_argument("--train-out", default=None, help="training file (instead of --out-dir)")
     p.add_argument("--val-out", default=None, help="validation file (instead of --out-dir)")
-    p.add_argument("--ratio", type=float, default=None, help="share of rows for training (default 0.9)")
+    p.add_argument("--ratio", type=number, default=None, help="share of rows for training (default 0.9)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stratify", default=None, metavar="FIELD", help="keep this field's value shares on both sides")
     p.add_argument("--group", default=None, metavar="FIELD", help="rows sharing this field's value stay together; "
@@ -261,6 +278,7 @@ def _merge_flags(args: argparse.Namespace) -> dict:
 
 
 def run_split(args: argparse.Namespace) -> int:
+    from fledge.data.sources import refuse_overwrite
     from fledge.data.split import SplitOptions, split
     if args.out_dir and (args.train_out or args.val_out):
         raise DataError("pass either --out-dir or --train-out/--val-out, not both.")
@@ -269,6 +287,7 @@ def run_split(args: argparse.Namespace) -> int:
                         "--train-out and --val-out.")
     train_out = args.train_out or str(Path(args.out_dir) / "train.jsonl")
     val_out = args.val_out or str(Path(args.out_dir) / "val.jsonl")
+    refuse_overwrite([("--train-out", train_out), ("--val-out", val_out)], [])
     flags = {**_merge_flags(args), "ratio": args.ratio, "seed": args.seed, "stratify": args.stratify,
              "group": args.group}
     options = _configure(_options_loader(SplitOptions, "fledge data split"), None, flags)
@@ -287,7 +306,9 @@ def _add_merge(verbs: Any) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    from fledge.data.sources import refuse_overwrite
     from fledge.data.split import MergeOptions, merge
+    refuse_overwrite([("-o", args.output)], [])
     options = _configure(_options_loader(MergeOptions, "fledge data merge"), None, _merge_flags(args))
     report = merge(args.sources, args.output, options)
     _print_report(args, report, args.output)
@@ -295,8 +316,10 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def _options_loader(cls: type, what: str) -> Callable[[Any], Any]:
+    from fledge.data.records import non_finite_problems
     from fledge.recipe import load_config
-    return lambda raw: load_config(cls, raw if raw is not None else {}, what)
+    return lambda raw: load_config(cls, raw if raw is not None else {}, what,
+                                   lambda options, problems: problems.extend(non_finite_problems(options)))
 
 
 def _print_report(args: argparse.Namespace, report: Any, where: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +147,10 @@ def extract(config: ExtractConfig) -> ExtractResult:
     seen: set[str] = set()
     for path, rel in walk_files(config.root, config.include, config.exclude):
         try:
-            text = path.read_text(encoding="utf-8")
+            if not stat.S_ISREG(os.stat(path).st_mode):   # opening a FIFO would wait for a writer
+                result.skipped.append((rel, "not a regular file (a pipe, socket or device)"))
+                continue
+            text = path.read_text(encoding="utf-8")   # universal newlines: \r\n and \r become \n
         except UnicodeDecodeError:
             result.skipped.append((rel, "not UTF-8 text"))
             continue
@@ -175,6 +179,12 @@ def extract(config: ExtractConfig) -> ExtractResult:
     return result
 
 
+def split_lines(text: str) -> list[str]:
+    """Lines as `ast` and editors count them: split at \n (\r\n and a lone \r are line ends too).
+    Not str.splitlines(), which also splits at \f, \v, \x1c-\x1e, \x85, U+2028 and U+2029."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def _items_of(text: str, rel: str, config: ExtractConfig) -> Iterator[dict]:
     unit = config.unit
     suffix = Path(rel).suffix.lower()
@@ -184,7 +194,7 @@ def _items_of(text: str, rel: str, config: ExtractConfig) -> Iterator[dict]:
         if text.strip():
             yield {"text": text.strip("\n"), "file": rel, "line": 1, "kind": "file"}
     elif unit == "lines":
-        yield from _lines(text.splitlines(), 1, rel, "line", config)
+        yield from _lines(split_lines(text), 1, rel, "line", config)
     elif unit == "blocks":
         yield from _markdown(text, rel, config)
     else:
@@ -212,7 +222,7 @@ def _lines(lines: list[str], first: int, rel: str, kind: str, config: ExtractCon
 
 def _markdown(text: str, rel: str, config: ExtractConfig) -> Iterator[dict]:
     wanted = {lang.lower() for lang in config.languages}
-    lines = text.splitlines()
+    lines = split_lines(text)
     i = 0
     while i < len(lines):
         m = FENCE.match(lines[i])
@@ -241,7 +251,7 @@ def _markdown(text: str, rel: str, config: ExtractConfig) -> Iterator[dict]:
 
 def _python(text: str, rel: str, config: ExtractConfig) -> Iterator[dict]:
     tree = ast.parse(text)
-    lines = text.splitlines()
+    lines = split_lines(text)
     definitions = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
     def visit(node: ast.AST, scope: str) -> Iterator[dict]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from fledge.data.records import _Invalid, iter_raw_rows
+from fledge.data.sources import Invalid, iter_raw_rows
 from fledge.errors import DataError, RecipeError
 from fledge.recipe import _build, load_config, option
 
@@ -205,7 +205,7 @@ def read_expressions(path: str | Path, text_field: str = "") -> list[Expression]
     ({"expressions": [{content, source_file, line_number, context}]})."""
     out = []
     for line, row in iter_raw_rows(path):
-        if isinstance(row, _Invalid):
+        if isinstance(row, Invalid):
             raise DataError(row.message + ". Fix the line.", path=str(path), line=line)
         if not isinstance(row, dict):
             raise DataError(f"an expression row is an object with a text field, not {type(row).__name__}",
@@ -271,14 +271,43 @@ def strategies_of(config: PairsConfig) -> list[StrategyOptions]:
     return built
 
 
+_OPTION_START = re.compile(r",\s*(?=[A-Za-z_]\w*\s*=)")   # a comma that starts the next key=value
+
+
 def parse_strategy_flag(text: str) -> dict:
-    """`completion:max_per_expression=3,type=comp` (the CLI's --strategy) -> a strategy mapping."""
-    import yaml
+    """`completion:max_per_expression=3,type=comp` (the CLI's --strategy) -> a strategy mapping.
+
+    Values are plain text, taken as written (`input=int {x}` keeps its braces, `joiner= | ` its
+    spaces, and a comma not followed by `key=` stays in the value), except for the strategy's
+    integer and true/false keys, which are converted.
+    """
     name, _, rest = text.partition(":")
     item: dict = {"name": name.strip()}
-    for part in filter(None, (p.strip() for p in rest.split(","))):
-        if "=" not in part:
+    types = _option_types(item["name"])
+    for part in _OPTION_START.split(rest) if rest.strip() else []:
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key:
             raise RecipeError(f"--strategy {text!r}: write options as key=value, e.g. completion:max_per_expression=3")
-        key, _, value = part.partition("=")
-        item[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        item[key] = _flag_value(value, types.get(key))
     return item
+
+
+def _option_types(name: str) -> dict[str, type]:
+    if name not in STRATEGIES:
+        return {}   # build_strategies names the unknown strategy
+    import typing
+    return typing.get_type_hints(STRATEGIES[name][0])
+
+
+def _flag_value(value: str, typ: type | None) -> object:
+    """`value` converted for a known int or bool key; left as text when it does not convert, so the
+    spec check reports it with the key's name."""
+    if typ is int:
+        try:
+            return int(value.strip())
+        except ValueError:
+            return value
+    if typ is bool and value.strip().lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+        return value.strip().lower() in ("true", "yes", "1", "on")
+    return value

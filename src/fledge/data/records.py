@@ -21,20 +21,22 @@ line and the input (when there is one).
 `FieldMap(input_field=..., output_field=...)` names other fields (a CSV with `question,cypher`
 columns). Files: `.jsonl` (one row per line), `.json` (an array of rows, or an object holding
 one such array), `.csv` (a header line, then rows; quoted fields may span lines). Every row
-keeps its file and line so problems can point at it; files are read one at a time.
+keeps its file and line so problems can point at it; files are read one at a time, by
+`fledge.data.sources` (which rows are unreadable and why, which files are read at all).
 """
 
 from __future__ import annotations
 
-import csv
-import glob
+import dataclasses
 import json
-import re
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from fledge.data.sources import SURROGATE_CHAR, Invalid, expand_sources, iter_raw_rows
 from fledge.errors import DataError
+from fledge.files import atomic_open
 
 ROLES = ("system", "user", "assistant", "tool", "function")
 # (input field, output field, format name), tried in order after the explicit formats.
@@ -47,7 +49,6 @@ PAIR_FIELDS = (
 KNOWN_SHAPES = ('{"input","output"}, {"instruction","input","output"}, {"messages":[...]}, '
                 'a bare [messages] array, {"prompt","completion"}, {"input_text"|"input_code","output_dot"}, '
                 '{"text"}')
-SUFFIXES = (".jsonl", ".json", ".csv")
 
 
 @dataclass(frozen=True)
@@ -165,145 +166,6 @@ class RowError(ValueError):
     """Raised by `normalize_row` for a row that fits no format; the message names the fix."""
 
 
-# --- reading files ---------------------------------------------------------------------------
-
-def expand_sources(sources: Iterable[str | Path], suffixes: tuple[str, ...] = SUFFIXES) -> list[Path]:
-    """Files, folders (their data files, sorted) and globs -> the list of files, in order."""
-    files: list[Path] = []
-    missing = []
-    for s in sources:
-        p = Path(s)
-        if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes))
-        elif p.is_file():
-            files.append(p)
-        elif any(ch in str(s) for ch in "*?["):
-            matched = [Path(m) for m in sorted(glob.glob(str(s), recursive=True)) if Path(m).is_file()]
-            if not matched:
-                missing.append(str(s))
-            files.extend(matched)
-        else:
-            missing.append(str(s))
-    if missing:
-        near = sorted({str(f) for m in missing if Path(m).parent.is_dir() for f in Path(m).parent.iterdir()
-                       if f.suffix.lower() in suffixes})[:8]
-        found = f" Data files next to it: {', '.join(near)}." if near else ""
-        raise DataError(f"no such file: {', '.join(missing)}.{found} Pass .jsonl, .json or .csv files "
-                        f"(or folders holding them).")
-    return files
-
-
-def iter_raw_rows(path: str | Path, list_key: str = "") -> Iterator[tuple[int | None, Any]]:
-    """(line, row) for every row of a .jsonl, .json or .csv file; row is an `_Invalid` when unreadable.
-
-    Lines count from 1. A JSON row spanning lines gets the line where it starts.
-    """
-    p = Path(path)
-    suffix = p.suffix.lower()
-    if suffix == ".csv":
-        yield from _iter_csv(p)
-    elif suffix == ".json":
-        yield from _iter_json_array(p, list_key)
-    else:
-        yield from _iter_jsonl(p)
-
-
-@dataclass(frozen=True)
-class _Invalid:
-    message: str
-
-
-def _iter_jsonl(p: Path) -> Iterator[tuple[int, Any]]:
-    with open(p, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)  # bytes: UTF-8 (a BOM is allowed), else UnicodeDecodeError
-            except json.JSONDecodeError as e:
-                yield number, _Invalid(f"not valid JSON ({e.msg} at column {e.colno})")
-            except UnicodeDecodeError:
-                yield number, _Invalid("not UTF-8 text; save the file as UTF-8")
-
-
-def _iter_json_array(p: Path, list_key: str) -> Iterator[tuple[int | None, Any]]:
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text (byte {e.start}); save the file as UTF-8.", path=str(p)) from None
-    decoder = json.JSONDecoder()
-    start = _skip_ws(text, 0)
-    if text[start:start + 1] == "{":  # an object holding the array: find it, then decode from its '['
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"not valid JSON ({e.msg}). Fix the file.", path=str(p), line=e.lineno) from None
-        lists = [k for k, v in whole.items() if isinstance(v, list)]
-        key = list_key or (lists[0] if len(lists) == 1 else "")
-        if key not in lists:
-            raise DataError(f"a JSON object with {'no' if not lists else 'several'} list fields "
-                            f"({', '.join(lists) or 'none'}); name the one holding the rows "
-                            f"(list_key).", path=str(p))
-        match = re.search(r'"' + re.escape(key) + r'"\s*:\s*\[', text)
-        start = match.end() - 1 if match else -1
-        expected = len(whole[key])
-    else:
-        expected = None
-    if text[start:start + 1] != "[":
-        raise DataError("a .json data file holds an array of rows ([{...}, {...}]); for one row per "
-                        "line name the file .jsonl.", path=str(p))
-    pos, line, counted = start + 1, 1, 0
-    items = []
-    while True:
-        pos = _skip_ws(text, pos)
-        if text[pos:pos + 1] in ("]", ""):
-            break
-        line += text.count("\n", counted, pos)
-        counted = pos
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"not valid JSON ({e.msg}). Fix the file.", path=str(p), line=e.lineno) from None
-        items.append((line, obj))
-        pos = _skip_ws(text, end)
-        if text[pos:pos + 1] == ",":
-            pos += 1
-    if expected is not None and expected != len(items):  # the key regex hit a string, not the array
-        items = [(None, obj) for obj in json.loads(text)[key]]
-    yield from items
-
-
-def _skip_ws(text: str, pos: int) -> int:
-    n = len(text)
-    while pos < n and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
-
-
-def _iter_csv(p: Path) -> Iterator[tuple[int, Any]]:
-    with open(p, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-            start = reader.line_num + 1
-            for values in reader:
-                line, start = start, reader.line_num + 1
-                if not any(v.strip() for v in values):
-                    continue
-                if len(values) != len(header):
-                    yield line, _Invalid(f"{len(values)} columns where the header has {len(header)} "
-                                         f"({', '.join(header)})")
-                    continue
-                yield line, dict(zip(header, values))
-        except StopIteration:
-            return
-        except UnicodeDecodeError:
-            raise DataError("not UTF-8 text; save the file as UTF-8.", path=str(p),
-                            line=reader.line_num + 1) from None
-        except csv.Error as e:
-            raise DataError(f"not valid CSV ({e}). Fix the file.", path=str(p), line=reader.line_num) from None
-
-
 # --- normalizing rows ------------------------------------------------------------------------
 
 def normalize_row(row: Any, fields: FieldMap = FieldMap()) -> tuple[str, str, dict, str]:
@@ -403,12 +265,31 @@ def _lookup(root: Any, path: str) -> Any:
     return node
 
 
+def non_finite_problems(options: Any, prefix: str = "") -> list[str]:
+    """'key is nan; ...' for every number of an options dataclass (nested ones too) that is NaN or
+    infinite: every range check passes NaN (all comparisons with it are false)."""
+    out = []
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(non_finite_problems(value, f"{prefix}{f.name}."))
+        elif isinstance(value, float) and not math.isfinite(value):
+            out.append(f"{prefix}{f.name} is {value}; it must be a finite number")
+    return out
+
+
+def refuse_non_finite(options: Any, what: str) -> None:
+    """RecipeError naming every NaN or infinite number of `options` (options built in code)."""
+    from fledge.recipe import raise_problems
+    raise_problems(what, non_finite_problems(options))
+
+
 def scan_file(path: str | Path, fields: FieldMap = FieldMap(), list_key: str = "",
               require_response: bool = True) -> Iterator[Record | RowProblem]:
     """Every row of one file as a Record, or a RowProblem naming file:line and the fix."""
     source = str(path)
     for line, row in iter_raw_rows(path, list_key):
-        if isinstance(row, _Invalid):
+        if isinstance(row, Invalid):
             yield RowProblem(source, line, row.message)
             continue
         try:
@@ -438,14 +319,28 @@ def read_records(sources: Iterable[str | Path], fields: FieldMap = FieldMap(),
 
 
 def write_jsonl(rows: Iterable[Any], path: str | Path) -> int:
-    """Write rows as JSON lines (UTF-8, not escaped), atomically; returns how many."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
+    """Write rows as JSON lines (UTF-8, not escaped), atomically; returns how many.
+
+    A row JSON cannot hold (NaN or Infinity, a lone surrogate) raises DataError and leaves any
+    earlier file at `path` as it was."""
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(dump_row(row, path, n + 1))
             n += 1
-    tmp.replace(p)
     return n
+
+
+def dump_row(row: Any, path: str | Path, number: int) -> str:
+    """One JSONL line of `row` (the `number`th written to `path`), or DataError saying why not."""
+    try:
+        line = json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError as e:   # NaN or Infinity, or a circular reference
+        problem = "holds NaN or Infinity, which JSON cannot store" if "JSON compliant" in str(e) else str(e)
+    except (TypeError, RecursionError) as e:
+        problem = f"cannot be written as JSON ({type(e).__name__}: {e})"
+    else:
+        if not SURROGATE_CHAR.search(line):
+            return line
+        problem = "holds a lone surrogate (\\ud800-\\udfff), which UTF-8 cannot store"
+    raise DataError(f"row {number:,} {problem}; the file was not written. Fix the row.", path=str(path))

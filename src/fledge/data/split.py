@@ -17,6 +17,7 @@ Leakage is measured again on the written split and reported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from collections import Counter
@@ -27,8 +28,11 @@ from typing import Any, Iterable
 import numpy as np
 
 from fledge.data.dedupe import DuplicateIndex, NearOptions, connected_components, leakage_between
-from fledge.data.records import OUTPUT_FORMATS, FieldMap, RowProblem, expand_sources, read_records
+from fledge.data.records import (OUTPUT_FORMATS, FieldMap, RowProblem, dump_row, expand_sources, read_records,
+                                 refuse_non_finite)
+from fledge.data.sources import refuse_overwrite
 from fledge.errors import DataError
+from fledge.files import atomic_open
 from fledge.recipe import option, section
 
 BATCH = 8192
@@ -139,39 +143,31 @@ def _write(sources: list[Path], options: MergeOptions, destinations: np.ndarray,
            report: MergeReport) -> list[int]:
     """Second pass: row i goes to outputs[destinations[i]] (-1: dropped). Returns rows per output."""
     fields = FieldMap(options.input_field, options.output_field)
-    handles, tmps = [], []
-    for out in outputs:
-        p = Path(out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmps.append((p.with_name(p.name + ".tmp"), p))
-        handles.append(open(tmps[-1][0], "w", encoding="utf-8"))
     written = [0] * len(outputs)
     row = 0
-    try:
+    with contextlib.ExitStack() as stack:   # every output is replaced together, or none is
+        handles = [stack.enter_context(atomic_open(out)) for out in outputs]
         for path in sources:
             for record in read_records([path], fields, options.drop_invalid, None):
-                d = destinations[row]
+                d = destinations[row] if row < len(destinations) else -1
                 row += 1
                 if d < 0:
                     continue
-                handles[d].write(json.dumps(record.to_format(options.to), ensure_ascii=False) + "\n")
+                handles[d].write(dump_row(record.to_format(options.to), outputs[d], written[d] + 1))
                 written[d] += 1
                 report.per_source[str(path)][1] += 1
-    finally:
-        for h in handles:
-            h.close()
-    if row != len(destinations):
-        raise DataError(f"the sources changed while being read ({len(destinations):,} rows, then {row:,}); "
-                        f"run again when nothing writes to them.")
-    for tmp, final in tmps:
-        tmp.replace(final)
+        if row != len(destinations):
+            raise DataError(f"the sources changed while being read ({len(destinations):,} rows, then {row:,}); "
+                            f"run again when nothing writes to them.")
     return written
 
 
 def merge(sources: Iterable[str | Path], output: str | Path, options: MergeOptions | None = None) -> MergeReport:
     """Concatenate sources into one JSONL file, dropping duplicates as `options.dedupe` asks."""
     options = options or MergeOptions()
+    refuse_non_finite(options, "merge options")
     paths = expand_sources(sources)
+    refuse_overwrite([("output", output)], paths)
     report = MergeReport([str(p) for p in paths])
     index, _ = _first_pass(paths, options, options.near if options.dedupe == "near" else None, report)
     keep, _ = _kept(index, options, report)
@@ -239,7 +235,9 @@ def split(sources: Iterable[str | Path], train_out: str | Path, val_out: str | P
           options: SplitOptions | None = None) -> SplitReport:
     """Merge and deduplicate the sources, split them, write both sides, check leakage after."""
     options = options or SplitOptions()
+    refuse_non_finite(options, "split options")
     paths = expand_sources(sources)
+    refuse_overwrite([("training output", train_out), ("validation output", val_out)], paths)
     report = SplitReport([str(p) for p in paths])
     want_near = options.dedupe == "near" or options.keep_near_together
     extra = tuple(f for f in (options.stratify, options.group) if f)

@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from fledge.data.check import resolve_validator, validate_texts, verdict_ok
+from fledge.data.records import non_finite_problems
 from fledge.errors import DataError
 from fledge.recipe import _build, load_config, option
 
@@ -131,6 +132,7 @@ def _resolve(spec: SynthSpec, problems: list[str]) -> Synth:
     for i, raw in enumerate(spec.templates):
         where = f"templates[{i}]"
         t = _build(TemplateSpec, raw, f"{where}.", problems)
+        problems.extend(non_finite_problems(t, f"{where}."))
         t.name = t.name or f"template{i + 1}"
         t.category = t.category or t.name
         if t.name in names:
@@ -177,7 +179,8 @@ def _slot_values(name: str, values: object, problems: list[str]) -> list[str] | 
     if isinstance(values, dict) and set(values) == {"file"}:
         path = Path(str(values["file"]))
         if not path.is_file():
-            problems.append(f"slots.{name}.file {path} does not exist (paths count from the working directory)")
+            problems.append(f"slots.{name}.file {path} " + ("is not a regular file" if path.exists() else
+                            "does not exist (paths count from the working directory)"))
             return None
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".json":
@@ -190,7 +193,7 @@ def _slot_values(name: str, values: object, problems: list[str]) -> list[str] | 
                 problems.append(f"slots.{name}.file {path} must hold a JSON list of values")
                 return None
             return [str(v) for v in data]
-        return [line.strip() for line in text.splitlines() if line.strip()]
+        return [line.strip() for line in text.split("\n") if line.strip()]  # not splitlines: U+2028 is text
     problems.append(f"slots.{name} must be a list of values or {{file: path}}, got {values!r}")
     return None
 
@@ -210,6 +213,11 @@ def _render(template: str, values: dict[tuple[str, str], str], prev: str = "") -
             return prev
         return values[key]
     return SLOT.sub(sub, template)
+
+
+def slot_files(synth: Synth) -> list[Path]:
+    """The files the spec's slots read their values from."""
+    return [Path(str(v["file"])) for v in synth.spec.slots.values() if isinstance(v, dict) and "file" in v]
 
 
 def template_space(synth: Synth) -> dict[str, int]:
@@ -305,6 +313,8 @@ def synthesize(synth: Synth, count: int | None = None, seed: int | None = None) 
     spec = synth.spec
     count = spec.count if count is None else count
     seed = spec.seed if seed is None else seed
+    if count < 1:
+        raise DataError(f"count is {count}; it must be at least 1 (the number of rows to make).")
     space = template_space(synth)
     weights = [t.spec.weight for t in synth.templates]
     total_weight = sum(weights)

@@ -39,6 +39,7 @@ _GRAPH_HEADER = re.compile(r"^(?:strict\s+)?(?:di)?graph\b", re.IGNORECASE | re.
 _EDGE_TOKENS = re.compile(r"\b(digraph|graph)\b|->|--|[{}]", re.IGNORECASE)
 _SENTINEL = "graph __fledge_end_{} {{}}"
 _SENTINEL_OUT = re.compile(r"^graph __fledge_end_(\d+) \{$", re.MULTILINE)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def make_dot_validator(*, program: str = "dot", timeout: float = 10.0, batch_size: int = 64,
@@ -132,6 +133,8 @@ class _DotRunner:
                                             f"PATH; {INSTALL_HINT}")
         if not candidate.strip():
             return empty_verdict("graph")
+        if _SURROGATE.search(candidate):   # not encodable as UTF-8, so dot could not even be given it
+            return Verdict(False, candidate, "the text holds a lone surrogate (\\ud800-\\udfff), which is not text")
         problem = edge_operator_problem(candidate)
         return Verdict(False, candidate, problem) if problem else None
 

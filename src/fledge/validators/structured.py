@@ -47,13 +47,28 @@ def _find_json(text: str) -> str | None:
     return take_construct(text, opener.start(), opener.start(), **_JSON_CODE)
 
 
+class _NotJson(ValueError):
+    """NaN, Infinity and -Infinity: Python's json reads them, JSON has no such values."""
+
+
+def _no_constant(name: str) -> None:
+    raise _NotJson(f"{name} is not JSON (JSON has no NaN or Infinity; write null or a string)")
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant)
+
+
 def judge_json(candidate: str, check_schema=None) -> Verdict:
     if not candidate.strip():
         return empty_verdict("JSON value")
     try:
-        value = json.loads(candidate)
+        value = _STRICT_JSON.decode(candidate)
     except json.JSONDecodeError as error:
         return Verdict(False, candidate, f"line {error.lineno} column {error.colno}: {error.msg}")
+    except _NotJson as error:
+        return Verdict(False, candidate, str(error))
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+        return Verdict(None, candidate, "a number has more digits than Python reads; cannot judge")
     except RecursionError:
         return Verdict(None, candidate, "nested too deeply for Python's json module; cannot judge")
     problem = check_schema(value) if check_schema else None

@@ -176,14 +176,30 @@ def test_check_config_file_names_bad_keys(tmp_path):
     assert "unknown key near.threshhold; did you mean near.threshold?" in str(e.value)
 
 
+def _peak_bytes(paths: list[Path]) -> tuple[int, object]:
+    import gc
+    import tracemalloc
+    gc.collect()
+    tracemalloc.start()
+    try:
+        report = check(paths, CheckConfig(near_duplicates=False))
+        return tracemalloc.get_traced_memory()[1], report
+    finally:
+        tracemalloc.stop()
+
+
 def test_memory_per_row_does_not_depend_on_files(tmp_path):
-    rows = [{"input": f"q{i}", "output": f"a{i}"} for i in range(300)]
+    rows = [{"input": f"question {i} " + "w" * 40, "output": f"answer {i} " + "v" * 40} for i in range(1200)]
     one = write(tmp_path / "one.jsonl", rows)
-    many = []
-    for k in range(30):
-        many.append(write(tmp_path / f"part{k:02d}.jsonl", rows[k * 10:(k + 1) * 10]))
-    a, b = check([one]), check(many)
-    assert a.rows == b.rows == 300 and a.ok and b.ok
+    many = [write(tmp_path / f"part{k:03d}.jsonl", rows[k * 10:(k + 1) * 10]) for k in range(120)]
+    half = write(tmp_path / "half.jsonl", rows[:600])
+    _peak_bytes([half])                              # warm up: lazy imports and caches are not rows
+    (peak_one, a), (peak_many, b), (peak_half, _) = _peak_bytes([one]), _peak_bytes(many), _peak_bytes([half])
+    assert a.rows == b.rows == 1200 and a.ok and b.ok
+    per_row = (peak_one - peak_half) / 600          # what one more row costs at the peak
+    assert per_row < 2_500, f"{per_row:.0f} bytes per row"
+    # 120 files instead of 1: the same rows, so the same memory, give or take a few bytes per file
+    assert peak_many < peak_one + 120 * 600, (peak_one, peak_many)
 
 
 def test_limn_first3000_duplicates_and_identity_rows():
@@ -206,3 +222,59 @@ def test_limn_first3000_duplicates_and_identity_rows():
 def test_example_check_configs_load(path):
     assert path.read_text().startswith("# fledge data check ")
     load_check_config(path)
+
+
+def test_empty_inputs_are_an_error_not_ok(tmp_path):
+    empty = write(tmp_path / "empty.jsonl", [])
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    report = check([empty, blank])
+    assert not report.ok and [f.check for f in report.errors] == ["no_rows"]
+    assert report.errors[0].message.startswith(f"no training rows: {empty}, {blank} hold no rows")
+    assert report.format().endswith("FAILED: 1 error")
+    good = write(tmp_path / "good.jsonl", [{"input": "q", "output": "a"}])
+    assert [f.check for f in check([good], val=[empty]).errors] == ["val_no_rows"]
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match=r"no data files in .*folder"):
+        check([tmp_path / "folder"])
+
+
+def test_check_config_refuses_nan_and_infinity(tmp_path):
+    path = tmp_path / "check.yaml"
+    path.write_text("max_duplicate_rate: .nan\nnear:\n  threshold: .inf\nmin_valid_rate: nan\n")
+    with pytest.raises(RecipeError) as e:
+        load_check_config(path)
+    text = str(e.value)
+    for key in ("max_duplicate_rate is nan", "near.threshold is inf", "min_valid_rate is nan"):
+        assert f"{key}; it must be a finite number" in text
+    with pytest.raises(RecipeError, match="max_identity_rate is nan; it must be a finite number"):
+        check([write(tmp_path / "t.jsonl", [{"input": "q", "output": "a"}])],
+              CheckConfig(max_identity_rate=float("nan")))
+
+
+def test_a_tokenizer_folder_with_its_own_code_is_refused_and_the_code_never_runs(tmp_path):
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    marker = tmp_path / "MARKER"
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil_tok.EvilTokenizer", None]}}))
+    (folder / "evil_tok.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    with pytest.raises(DataError) as e:
+        load_token_counter(str(folder))
+    assert str(e.value).startswith(f"{folder}: this tokenizer needs its own Python code (auto_map in "
+                                   f"tokenizer_config.json), and fledge does not run code")
+    assert "\n" not in str(e.value) and not marker.exists()
+
+
+def test_transformers_is_told_not_to_trust_remote_code(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    seen = {}
+
+    def fake(path, **kwargs):
+        seen.update(kwargs)
+        raise OSError("no vocabulary")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake)
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(DataError, match=r"transformers could not load it \(OSError: no vocabulary\)"):
+        load_token_counter(str(tmp_path))
+    assert seen == {"local_files_only": True, "trust_remote_code": False}

@@ -157,3 +157,44 @@ def test_real_limn_files_give_expressions_with_comment_context():
     assert by_text["a joi b sa c"]["line"] == 10
     assert by_text["a joi b sa c"]["context"] == "cns (constraints)"
     assert len(rows) == len({r["text"] for r in rows}) > 100
+
+
+# \f, \v, \x1c-\x1e, \x85, U+2028 and U+2029 end a line for str.splitlines() but not for files or ast
+ODD_BREAKS = ["\f", "\v", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+def test_line_numbers_count_newlines_only(tmp_path):
+    odd = "".join(ODD_BREAKS)
+    (tmp_path / "a.limn").write_text(f"one{odd}still one\r\ntwo\nthree\n", newline="")
+    rows = rows_of(tmp_path, include=["*.limn"])
+    assert [(r["text"], r["line"]) for r in rows] == [(f"one{odd}still one", 1), ("two", 2), ("three", 3)]
+    (tmp_path / "g.md").write_text(f"# a{odd}b\n\n```limn\nx{odd}y\nz\n```\n", newline="")
+    rows = rows_of(tmp_path, include=["*.md"], block_lines=True)
+    assert [(r["text"], r["line"]) for r in rows] == [(f"x{odd}y", 4), ("z", 5)]
+
+
+def test_python_definitions_after_odd_line_breaks_keep_their_text(tmp_path):
+    source = f'X = "{"".join(ODD_BREAKS)}"\r\n\r\ndef after(x):\r\n    return x\r\n\r\n\r\nclass Later:\r\n    pass\r\n'
+    (tmp_path / "m.py").write_text(source, newline="")
+    rows = rows_of(tmp_path, include=["*.py"])
+    assert [(r["name"], r["line"], r["text"]) for r in rows] == [
+        ("after", 3, "def after(x):\n    return x"), ("Later", 7, "class Later:\n    pass")]
+
+
+def test_a_fifo_in_the_folder_is_skipped_and_named(tree):
+    import os
+    import signal
+
+    def stuck(*_):
+        raise AssertionError("extract opened the FIFO and waited for a writer")
+    os.mkfifo(tree / "pipe.limn")
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(10)
+    try:
+        result = extract(ExtractConfig(root=str(tree), include=["*.limn"]))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert ("pipe.limn", "not a regular file (a pipe, socket or device)") in result.skipped
+    assert "pipe.limn: not a regular file" in result.summary()
+    assert [r["file"] for r in result.rows] == ["notes.limn"] * len(result.rows) and result.rows

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fledge.data.pairs import (CompletionStrategy, Expression, NextStrategy, SplitStrategy, TemplateStrategy,
-                               load_pairs_config, make_pairs, read_expressions, strategies_of)
+                               load_pairs_config, make_pairs, parse_strategy_flag, read_expressions,
+                               strategies_of)
 from fledge.errors import DataError, RecipeError
 
 SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"
@@ -122,3 +123,24 @@ def test_real_raw_corpus():
     assert set(report.kept) == {"completion", "next", "split", "template"}
     assert len({(r["input"], r["output"]) for r in rows}) == len(rows)
     assert not any(r["input"].strip() == r["output"].strip() for r in rows)
+
+
+@pytest.mark.parametrize("flag,expected", [
+    ("template:input={x},output=a, b {x}", {"name": "template", "input": "{x}", "output": "a, b {x}"}),
+    ("template:input=int {x},type=interp", {"name": "template", "input": "int {x}", "type": "interp"}),
+    ("template:input={x: 1}", {"name": "template", "input": "{x: 1}"}),
+    ("next:joiner= | ,context_size=3", {"name": "next", "joiner": " | ", "context_size": 3}),
+    ("completion: max_per_expression=3, limit=2", {"name": "completion", "max_per_expression": 3, "limit": 2}),
+    ("split:delimiter=true", {"name": "split", "delimiter": "true"}),
+    ("template:type=1.5", {"name": "template", "type": "1.5"}),
+])
+def test_strategy_flag_values_are_text_except_known_numbers(flag, expected):
+    assert parse_strategy_flag(flag) == expected
+
+
+def test_strategy_flag_with_a_bad_number_names_the_key():
+    with pytest.raises(RecipeError, match=r"strategies\[0\]\.limit must be an integer, got 'lots'"):
+        load_pairs_config({"inputs": ["x"], "strategies": [parse_strategy_flag("completion:limit=lots")]})
+    template = strategies_of(load_pairs_config({"inputs": ["x"], "strategies": [
+        parse_strategy_flag("template:input={x},output=out {x}")]}))[0]
+    assert (template.input, template.output) == ("{x}", "out {x}")

@@ -89,7 +89,7 @@ def test_bytes_that_are_not_utf8_are_a_row_problem(tmp_path):
     path.write_bytes(b'\xef\xbb\xbf{"text": "bom ok"}\n{"text": "caf\xe9"}\n')
     items = list(scan_file(path))
     assert items[0].response == "bom ok"
-    assert (items[1].line, items[1].message) == (2, "not UTF-8 text; save the file as UTF-8")
+    assert (items[1].line, items[1].message) == (2, "not UTF-8 text (byte 14 of the line); save the file as UTF-8")
 
 
 def test_json_array_rows_get_the_line_they_start_on(tmp_path):

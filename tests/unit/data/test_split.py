@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fledge.data.dedupe import NearOptions
 from fledge.data.split import MergeOptions, SplitOptions, assign_split, merge, split
-from fledge.errors import DataError
+from fledge.errors import DataError, RecipeError
 
 SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"
 
@@ -162,3 +163,49 @@ def test_real_limn_split_has_no_leakage(tmp_path):
     assert report.exact_dropped == 651 and len(report.invalid) == 5
     assert report.train + report.val == 3000 - 651 - 5
     assert report.leaked_exact == 0 and report.leaked_near == 0
+
+
+def test_a_failed_split_leaves_no_temp_files_and_the_old_outputs(tmp_path, monkeypatch):
+    from fledge.data.records import Record
+    src = write(tmp_path / "all.jsonl", dataset(60))
+    (tmp_path / "out").mkdir()
+    train, val = tmp_path / "out" / "train.jsonl", tmp_path / "out" / "val.jsonl"
+    train.write_text("old train\n")
+    val.write_text("old val\n")
+    real, calls = Record.to_format, []
+
+    def failing(self, fmt):
+        calls.append(fmt)
+        if len(calls) == 30:
+            raise DataError("trouble in the middle of writing")
+        return real(self, fmt)
+    monkeypatch.setattr(Record, "to_format", failing)
+    with pytest.raises(DataError, match="trouble in the middle"):
+        split([src], train, val, SplitOptions(ratio=0.5))
+    assert (train.read_text(), val.read_text()) == ("old train\n", "old val\n")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.jsonl", "val.jsonl"]
+    monkeypatch.setattr(Record, "to_format", real)
+    report = split([src], train, val, SplitOptions(ratio=0.5))
+    assert len(read(train)) == report.train and len(read(val)) == report.val
+
+
+def test_outputs_never_overwrite_inputs_or_each_other(tmp_path):
+    src = write(tmp_path / "all.jsonl", dataset(20))
+    before = src.read_text()
+    with pytest.raises(DataError, match=r"output .*all\.jsonl is also an input"):
+        merge([src], tmp_path / "." / "all.jsonl")
+    with pytest.raises(DataError, match=r"validation output .*all\.jsonl is also an input"):
+        split([tmp_path], tmp_path / "t.jsonl", src)
+    with pytest.raises(DataError, match=r"training output and validation output name the same file"):
+        split([src], tmp_path / "same.jsonl", tmp_path / "same.jsonl")
+    assert src.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["all.jsonl"]
+
+
+@pytest.mark.parametrize("options,key", [
+    (SplitOptions(ratio=float("nan")), "ratio is nan"),
+    (SplitOptions(near=NearOptions(threshold=float("inf"))), "near.threshold is inf"),
+])
+def test_nan_and_infinity_options_are_refused(tmp_path, options, key):
+    src = write(tmp_path / "all.jsonl", dataset(20))
+    with pytest.raises(RecipeError, match=rf"split options: {key}; it must be a finite number"):
+        split([src], tmp_path / "t.jsonl", tmp_path / "v.jsonl", options)

@@ -147,3 +147,19 @@ def test_example_synth_specs_load_and_make_their_count(path, monkeypatch):
     synth = load_synth_spec(path)
     assert path.read_text().startswith("# fledge data synth ")
     assert len(synthesize(synth, count=min(synth.spec.count, 200)).rows) == min(synth.spec.count, 200)
+
+
+def test_count_below_one_is_an_error_not_an_empty_file():
+    synth = load_synth_spec(spec())
+    for count in (0, -3):
+        with pytest.raises(DataError, match=rf"count is {count}; it must be at least 1"):
+            synthesize(synth, count=count)
+    with pytest.raises(RecipeError, match="count is 0; it must be at least 1"):
+        load_synth_spec(spec(count=0))
+
+
+def test_nan_weights_are_refused_with_the_key():
+    raw = spec()
+    raw["templates"][1]["weight"] = float("nan")
+    with pytest.raises(RecipeError, match=r"templates\[1\]\.weight is nan; it must be a finite number"):
+        load_synth_spec(raw)

@@ -1,0 +1,511 @@
+"""Finding data files and reading their rows without trusting them.
+
+    paths = expand_sources(["data/", "extra/*.jsonl"])    # files, deduplicated by real path
+    refuse_overwrite([("output", "merged.jsonl")], paths)  # before any work is done
+    for line, row in iter_raw_rows(paths[0]):
+        if isinstance(row, Invalid): print(f"{paths[0]}:{line}: {row.message}")
+
+A row is read as JSON the strict way: NaN and Infinity are not JSON, a number too large for a
+float or with more digits than Python converts is an invalid row, and so are rows nested more
+than MAX_DEPTH levels and strings holding a lone surrogate escape ("\\ud800", which no UTF-8
+file can store). Each such row becomes an `Invalid` at its file:line like any other bad row,
+so `--drop-invalid` drops it and the rest of the file is still read.
+
+Lines count on "\\n" only (a JSONL file is split on it; CSV lines are decoded one by one, so
+a decoding error names its own line). Only regular files are read: a FIFO or device named as
+input is refused instead of blocking, and folder walks do not follow a symlink back into a
+folder they have already walked.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+import re
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from fledge.errors import DataError
+
+SUFFIXES = (".jsonl", ".json", ".csv")
+MAX_DEPTH = 200   # nesting levels a row may have: chat rows need 3, and json recurses once per level
+MAGIC = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """A row that could not be read; `message` says why (file and line are kept by the reader)."""
+
+    message: str
+
+
+# --- decoding one JSON value -----------------------------------------------------------------
+
+class _NotJson(ValueError):
+    """Raised by the decoder hooks for values Python's json accepts but JSON does not."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value (JSON has no NaN or Infinity); write null or a string")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(f"the number {text[:40]} is too large to read (it overflows to infinity); write it as a "
+                       f"string")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)   # strings skipped whole, brackets
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_SCALAR = re.compile(r'[^,\]}\s]*')
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+SURROGATE_CHAR = re.compile("[\ud800-\udfff]")
+
+
+def _too_deep(text: str, start: int = 0, end: int | None = None) -> bool:
+    """Whether brackets outside strings nest more than MAX_DEPTH levels in text[start:end]."""
+    end = len(text) if end is None else end
+    if text.count("[", start, end) + text.count("{", start, end) <= MAX_DEPTH:
+        return False
+    depth = 0
+    for m in _TOKEN.finditer(text, start, end):
+        t = m.group()
+        if t == "[" or t == "{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif t == "]" or t == "}":
+            depth -= 1
+    return False
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:   # a loop, not recursion: the value may be MAX_DEPTH levels deep
+        node = stack.pop()
+        if isinstance(node, str):
+            if SURROGATE_CHAR.search(node):
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+DEEP = f"nested more than {MAX_DEPTH} levels deep; no training row needs that, so it is not read"
+SURROGATE = ("holds a lone surrogate escape (\\ud800-\\udfff without its pair), which is not text and cannot be "
+             "written as UTF-8; fix the string")
+
+
+def _screen(text: str, value: Any) -> Any:
+    """`value` (decoded from `text`) or an Invalid when a string in it holds a lone surrogate."""
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+        return Invalid(SURROGATE)
+    return value
+
+
+def decode_json(text: str) -> Any:
+    """One JSON value from `text`, or an Invalid saying why no tool may use it. Never raises."""
+    if _too_deep(text):
+        return Invalid(DEEP)
+    try:
+        value = _DECODER.decode(text)
+    except json.JSONDecodeError as e:
+        msg = e.msg.removesuffix(" at")   # "Unterminated string starting at"
+        return Invalid(f"not valid JSON ({msg} at column {e.colno})" if e.lineno == 1 else
+                       f"not valid JSON ({msg} at line {e.lineno} column {e.colno} of the row)")
+    except _NotJson as e:
+        return Invalid(str(e))
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+        return Invalid(f"a number has more than {sys.get_int_max_str_digits():,} digits, more than Python reads; "
+                       f"write it as a string")
+    except RecursionError:   # MAX_DEPTH keeps rows far below this; a backstop for deep Python stacks
+        return Invalid(DEEP)
+    return _screen(text, value)
+
+
+# --- reading files ---------------------------------------------------------------------------
+
+def iter_raw_rows(path: str | Path, list_key: str = "") -> Iterator[tuple[int | None, Any]]:
+    """(line, row) for every row of a .jsonl, .json or .csv file; row is an `Invalid` when unreadable.
+
+    Lines count from 1. A JSON row spanning lines gets the line where it starts. Raises DataError
+    when the file as a whole cannot be read (not a regular file; a .json file whose rows cannot be
+    told apart; a CSV header that is not usable).
+    """
+    p = Path(path)
+    _require_regular(p)
+    suffix = p.suffix.lower()
+    if suffix == ".csv":
+        rows = _iter_csv(p)
+    elif suffix == ".json":
+        rows = _iter_json_array(p, list_key)
+    else:
+        rows = _iter_jsonl(p)
+    try:
+        yield from rows
+    except OSError as e:   # permission, a file removed or a disk failing while being read
+        raise DataError(f"cannot read it ({e.strerror or e}).", path=str(p)) from None
+
+
+def _require_regular(p: Path) -> None:
+    """DataError unless `p` is a regular file (opening a FIFO would wait for a writer)."""
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise DataError("no such file. Pass .jsonl, .json or .csv files (or folders holding them).",
+                        path=str(p)) from None
+    except OSError as e:
+        raise DataError(f"cannot read it ({e.strerror or e}).", path=str(p)) from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
+        raise DataError(f"{kind}; fledge reads only regular files. Name the data files, or remove this one "
+                        f"from the inputs.", path=str(p))
+
+
+def _iter_jsonl(p: Path) -> Iterator[tuple[int, Any]]:
+    with open(p, "rb") as f:
+        for number, raw in enumerate(f, 1):   # binary lines end at b"\n" only
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield number, Invalid(f"not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8")
+                continue
+            text = text.removeprefix("\ufeff").rstrip("\r\n")
+            if not text.strip(" \t\r"):
+                continue
+            yield number, decode_json(text)
+
+
+class _LineCounter:
+    """Line number of a position in a text; positions usually grow, so counting is incremental."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def at(self, pos: int) -> int:
+        if pos < self.pos:
+            self.pos, self.line = 0, 1
+        self.line += self.text.count("\n", self.pos, pos)
+        self.pos = pos
+        return self.line
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    n = len(text)
+    while pos < n and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _value_end(text: str, pos: int) -> int | None:
+    """End of the JSON value starting at `pos` (found by brackets and strings), or None."""
+    c = text[pos:pos + 1]
+    if c == '"':
+        m = _STRING.match(text, pos)
+        return m.end() if m else None
+    if c in ("[", "{"):
+        depth = 0
+        for m in _TOKEN.finditer(text, pos):
+            t = m.group()
+            if t == "[" or t == "{":
+                depth += 1
+            elif t == "]" or t == "}":
+                depth -= 1
+                if depth == 0:
+                    return m.end()
+        return None
+    end = _SCALAR.match(text, pos).end()
+    return end if end > pos else None
+
+
+def _snippet(text: str, pos: int) -> str:
+    return repr(text[pos:pos + 30] + ("..." if len(text) > pos + 30 else ""))
+
+
+def _iter_json_array(p: Path, list_key: str) -> Iterator[tuple[int | None, Any]]:
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text (byte {e.start}); save the file as UTF-8.", path=str(p),
+                        line=data.count(b"\n", 0, e.start) + 1) from None
+    text = text.removeprefix("\ufeff")
+    lines = _LineCounter(text)
+    start = _skip_ws(text, 0)
+    after: tuple[int, Invalid] | None = None
+    wrapped = text[start:start + 1] == "{"
+    if wrapped:  # an object holding the array
+        start, after = _find_row_list(text, start, list_key, p, lines)
+    elif text[start:start + 1] != "[":
+        raise DataError("a .json data file holds an array of rows ([{...}, {...}]); for one row per "
+                        "line name the file .jsonl.", path=str(p), line=lines.at(start))
+    yield from _array_rows(text, start, p, lines, top_level=not wrapped)
+    if after is not None:
+        yield after
+
+
+def _array_rows(text: str, start: int, p: Path, lines: _LineCounter, top_level: bool) -> Iterator[tuple[int, Any]]:
+    """The elements of the array opening at text[start]; problems with the array itself (a comma
+    after the last row, text after the array, a missing ']') come as Invalid rows at their line."""
+    pos = _skip_ws(text, start + 1)
+    if text[pos:pos + 1] == "]":
+        pos += 1
+    else:
+        while True:
+            line = lines.at(pos)
+            try:
+                value, end = _DECODER.raw_decode(text, pos)
+            except (ValueError, RecursionError):
+                value, end = None, None
+            if end is not None:
+                value = Invalid(DEEP) if _too_deep(text, pos, end) else _screen(text[pos:end], value)
+            else:
+                end = _value_end(text, pos)
+                if end is None:
+                    raise DataError(f"not valid JSON at {_snippet(text, pos)}; the rows after it cannot be told "
+                                    f"apart. Fix the file.", path=str(p), line=line)
+                value = decode_json(text[pos:end])
+            yield line, value
+            pos = _skip_ws(text, end)
+            c = text[pos:pos + 1]
+            if c == "]":
+                pos += 1
+                break
+            if c == "":
+                yield lines.at(pos), Invalid("the array is not closed with ']'; the file may be cut short")
+                return
+            if c != ",":
+                raise DataError(f"not valid JSON: expected ',' or ']' after the row that starts on line {line}, "
+                                f"found {_snippet(text, pos)}. Fix the file.", path=str(p), line=lines.at(pos))
+            comma = pos
+            pos = _skip_ws(text, pos + 1)
+            if text[pos:pos + 1] in ("]", ""):
+                yield lines.at(comma), Invalid("a comma after the last row, which JSON does not allow; remove it")
+                if text[pos:pos + 1] == "]":
+                    pos += 1
+                break
+    rest = _skip_ws(text, pos)
+    if top_level and rest < len(text):
+        yield lines.at(rest), Invalid(f"text after the end of the array ({_snippet(text, rest)}); a .json file "
+                                      f"holds one array of rows. Remove it, or name the file .jsonl for one "
+                                      f"row per line")
+
+
+def _find_row_list(text: str, start: int, list_key: str, p: Path,
+                   lines: _LineCounter) -> tuple[int, tuple[int, Invalid] | None]:
+    """(position of the '[' of the rows, a problem after the object or None) of a JSON object
+    that holds the rows in one of its fields: `list_key`, or its only array field."""
+    members: dict[str, int] = {}
+    pos = _skip_ws(text, start + 1)
+    closed = text[pos:pos + 1] == "}"
+    while not closed:
+        key_end = _value_end(text, pos) if text[pos:pos + 1] == '"' else None
+        if key_end is None:
+            raise DataError(f"not valid JSON: expected a field name at {_snippet(text, pos)}. Fix the file.",
+                            path=str(p), line=lines.at(pos))
+        key = decode_json(text[pos:key_end])
+        colon = _skip_ws(text, key_end)
+        value = _skip_ws(text, colon + 1)
+        end = _value_end(text, value) if text[colon:colon + 1] == ":" else None
+        if isinstance(key, Invalid) or end is None:
+            raise DataError(f"not valid JSON near {_snippet(text, pos)}. Fix the file.", path=str(p),
+                            line=lines.at(pos))
+        if text[value] == "[":
+            members.setdefault(key, value)
+        pos = _skip_ws(text, end)
+        if text[pos:pos + 1] not in (",", "}"):
+            raise DataError(f"not valid JSON: expected ',' or '}}' at {_snippet(text, pos)}. Fix the file.",
+                            path=str(p), line=lines.at(pos))
+        closed = text[pos] == "}"
+        pos = pos if closed else _skip_ws(text, pos + 1)
+    pos += 1
+    key = list_key or (next(iter(members)) if len(members) == 1 else "")
+    if key not in members:
+        raise DataError(f"a JSON object with {'no' if not members else 'several'} list fields "
+                        f"({', '.join(members) or 'none'}); name the one holding the rows (list_key).",
+                        path=str(p))
+    rest = _skip_ws(text, pos)
+    after = None
+    if rest < len(text):
+        after = (lines.at(rest), Invalid(f"text after the end of the JSON object ({_snippet(text, rest)}); "
+                                         f"remove it"))
+    return members[key], after
+
+
+def _iter_csv(p: Path) -> Iterator[tuple[int, Any]]:
+    counted = 0              # physical lines handed to the csv reader so far
+    undecodable: list[int] = []
+
+    def decoded_lines(f) -> Iterator[str]:
+        nonlocal counted
+        for raw in f:         # one line at a time, so a decoding error is on its own line
+            counted += 1
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", "surrogateescape")
+                undecodable.append(counted)
+            yield text.removeprefix("\ufeff") if counted == 1 else text
+
+    with open(p, "rb") as f:
+        reader = csv.reader(decoded_lines(f))
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            if undecodable:
+                raise DataError("the header is not UTF-8 text; save the file as UTF-8.", path=str(p), line=1)
+            repeated = sorted({h for h in header if header.count(h) > 1})
+            if repeated:
+                raise DataError(f"the header names column{'s' if len(repeated) > 1 else ''} "
+                                f"{', '.join(map(repr, repeated))} more than once, so one value per row would be "
+                                f"lost. Give every column its own name.", path=str(p), line=1)
+            start = counted + 1
+            for values in reader:
+                line, start = start, counted + 1
+                if undecodable and undecodable[-1] >= line:
+                    yield line, Invalid("not UTF-8 text; save the file as UTF-8")
+                    continue
+                if not any(v.strip() for v in values):
+                    continue
+                if len(values) != len(header):
+                    yield line, Invalid(f"{len(values)} columns where the header has {len(header)} "
+                                        f"({', '.join(header)})")
+                    continue
+                yield line, dict(zip(header, values))
+        except csv.Error as e:
+            raise DataError(f"not valid CSV ({e}). Fix the file.", path=str(p), line=counted) from None
+
+
+# --- which files -----------------------------------------------------------------------------
+
+def expand_sources(sources: Iterable[str | Path], suffixes: tuple[str, ...] = SUFFIXES) -> list[Path]:
+    """Files, folders (their data files, sorted) and globs -> the list of files, in order.
+
+    A file reached twice (named twice, through a symlink, or by a glob and a folder) is read once.
+    Folders are walked without re-entering a folder through a symlink loop. Raises DataError for
+    sources that do not exist, folders and globs without data files, and anything that is not a
+    regular file.
+    """
+    files: list[Path] = []
+    seen: set[str] = set()
+    missing: list[str] = []
+    empty: list[str] = []
+
+    def add(path: Path) -> None:
+        _require_regular(path)
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            files.append(path)
+
+    for s in sources:
+        p = Path(s)
+        if p.is_dir():
+            found = [f for f in _walk(p) if f.suffix.lower() in suffixes]
+            if not found:
+                empty.append(str(p))
+            for f in found:
+                add(f)
+        elif p.exists():
+            add(p)
+        elif MAGIC.search(str(s)):
+            matched = _glob(str(s))
+            if not matched:
+                missing.append(str(s))
+            for f in matched:
+                add(f)
+        else:
+            missing.append(str(s))
+    if missing:
+        near = sorted({str(f) for m in missing if Path(m).parent.is_dir() for f in Path(m).parent.iterdir()
+                       if f.suffix.lower() in suffixes})[:8]
+        found = f" Data files next to it: {', '.join(near)}." if near else ""
+        raise DataError(f"no such file: {', '.join(missing)}.{found} Pass .jsonl, .json or .csv files "
+                        f"(or folders holding them).")
+    if empty:
+        raise DataError(f"no data files in {', '.join(empty)}: no {', '.join(suffixes)} files there or in its "
+                        f"subfolders. Put the data files there or name them.")
+    return files
+
+
+def _walk(folder: Path, skip_hidden: bool = False) -> list[Path]:
+    """Every entry below `folder` that is not a folder, sorted; symlinked folders are followed
+    once (a symlink back into a walked folder is not entered again)."""
+    found = []
+    visited: set[str] = set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = sorted(d for d in dirs if not (skip_hidden and d.startswith("."))
+                         and os.path.realpath(os.path.join(top, d)) not in visited)
+        found.extend(Path(top) / n for n in names if not (skip_hidden and n.startswith(".")))
+    return sorted(found)
+
+
+def _glob(pattern: str) -> list[Path]:
+    """Files matching a glob, sorted. '**' crosses folders through the same loop-safe walk as
+    folders (glob.glob would follow a symlink loop until paths grow too long)."""
+    if "**" not in pattern:
+        return [Path(m) for m in sorted(glob.glob(pattern)) if not os.path.isdir(m)]
+    from fledge.data.extract import glob_regex
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if MAGIC.search(part))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    if not base.is_dir():
+        return []
+    regex = glob_regex("/".join(parts[fixed:]))
+    found = []
+    for path in _walk(base, skip_hidden=True):
+        if regex.match(path.relative_to(base).as_posix()):
+            found.append(path)
+    return sorted(found, key=str)
+
+
+def _identity(path: str | Path) -> tuple[str, tuple[int, int] | None]:
+    """(real path, (device, inode) when it exists): two paths with either equal are one file."""
+    try:
+        st = os.stat(path)
+        inode = (st.st_dev, st.st_ino)
+    except OSError:
+        inode = None
+    return os.path.realpath(path), inode
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] or (a[1] is not None and a[1] == b[1])
+
+
+def refuse_overwrite(outputs: list[tuple[str, str | Path]], inputs: Iterable[str | Path]) -> None:
+    """Refuse, before any work, outputs that are not regular files, name an input, or name each
+    other. `outputs` are (what, path) pairs such as ("-o", "merged.jsonl")."""
+    from fledge.files import refuse_special
+    named = []
+    for what, out in outputs:
+        refuse_special(out, what)
+        me = _identity(out)
+        for other_what, other, it in named:
+            if _same(me, it):
+                raise DataError(f"{other_what} and {what} name the same file ({out}); name two different files.")
+        named.append((what, out, me))
+    for inp in inputs:
+        it = _identity(inp)
+        for what, out, me in named:
+            if _same(me, it):
+                raise DataError(f"{what} {out} is also an input ({inp}); fledge never overwrites its inputs. "
+                                f"Write to another file.")
