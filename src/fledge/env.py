@@ -92,10 +92,14 @@ def set_threads(threads: int, local_world_size: int = 1) -> int:
 @functools.lru_cache(maxsize=None)
 def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", size: int = 1024,
                 seconds: float = 0.25) -> float:
-    """Measured FLOP/s of a square matmul on this device and dtype (cached per process)."""
+    """Measured FLOP/s of a square matmul on this device and dtype (cached per process).
+
+    The operands come from a private generator: measuring never draws from the global RNG,
+    which holds the dropout stream a resumed run has just restored."""
     dev = torch.device(device)
-    a = torch.randn(size, size, device=dev).to(dtype)
-    b = torch.randn(size, size, device=dev).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(dev, dtype)
+    b = torch.randn(size, size, generator=g).to(dev, dtype)
     for _ in range(3):
         a @ b
     _sync(dev)

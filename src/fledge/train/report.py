@@ -3,12 +3,14 @@
 Only the main process reports. `metrics.jsonl` gets one JSON object per logged step
 (`loss`, `lr`, `tokens_per_s`, `mfu`), per evaluation (`val_loss`, `val_ppl`) and per
 sampling (`samples`). On resume, rows after the resumed step are dropped first, so the
-file always describes one continuous run.
+file always describes one continuous run; a line a kill or a full disk left half-written
+is dropped too, with a note.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from fledge.errors import RecipeError
+from fledge.files import atomic_open, storage_error
 
 
 def format_duration(seconds: float) -> str:
@@ -36,7 +39,10 @@ class Reporter:
         self.writer = None
         if not enabled:
             return
-        truncate_metrics(self.metrics_path, start_step)
+        dropped = truncate_metrics(self.metrics_path, start_step)
+        if dropped:
+            self.say(f"note: {self.metrics_path}: dropped {dropped} unreadable line(s), left half-written by "
+                     f"an interrupted run")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -94,8 +100,11 @@ class Reporter:
 
     def write(self, row: dict) -> None:
         row = {"time": round(time.time(), 3), **row}
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise storage_error(e, self.metrics_path) from None
 
     def close(self) -> None:
         if self.progress:
@@ -105,19 +114,46 @@ class Reporter:
             self.writer.close()
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop rows logged after `last_step` (work lost in a crash is redone and logged again)."""
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Keep the rows up to `last_step` (none when it is 0: the run starts over); work lost in a
+    crash is redone and logged again. Returns how many unreadable lines were dropped."""
     if not path.is_file():
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    tmp.replace(path)
+        return 0
+    rows, bad = _parse_metrics(path)
+    keep = [line for line, row in rows if last_step and row.get("step", 0) <= last_step]
+    with atomic_open(path) as f:
+        f.write("".join(line + "\n" for line in keep))
+    return len(bad)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl; unreadable lines are skipped with one note on stderr."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, bad = _parse_metrics(path)
+    if bad:
+        print(f"note: {path}:{bad[0]}: skipped {len(bad)} unreadable line(s) (a run stopped while writing)",
+              file=sys.stderr)
+    return [row for _, row in rows]
+
+
+def _parse_metrics(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
+    """([(line, row)], [line numbers of lines that are not a JSON object with an integer step])."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise storage_error(e, path, "read") from None
+    rows, bad = [], []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int):
+            rows.append((line, row))
+        else:
+            bad.append(number)
+    return rows, bad

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fledge.errors import CheckpointError, RecipeError
 from fledge.recipe import load_recipe
@@ -22,33 +21,8 @@ from fledge.sample import sample
 from fledge.train import checkpoint as ckpt
 from fledge.train import train
 from fledge.train.data import global_batch_starts, rank_slice
-from fledge.train.report import read_metrics
 from fledge.train.schedule import learning_rate
-
-CORPUS = "".join(f"{i} little pigs went to market; the {i % 7} wolves stayed home.\n" for i in range(600))
-
-
-def make_recipe(tmp_path: Path, name: str, **train_overrides):
-    corpus = tmp_path / "corpus.txt"
-    if not corpus.exists():
-        corpus.write_text(CORPUS)
-    train = dict(max_steps=12, batch_size=4, block_size=32, lr=3e-3, min_lr=3e-4, warmup_steps=2, log_every=1,
-                 eval_every=4, eval_batches=2, checkpoint_every=4, keep_last=2, threads=1, seed=7)
-    train.update(train_overrides)
-    return load_recipe(None, base={
-        "name": name, "run_dir": str(tmp_path / "runs" / name),
-        "data": {"sources": [str(corpus)], "prepared_dir": str(tmp_path / "prepared")},
-        "tokenizer": {"kind": "char", "vocab_size": 64},
-        "model": {"n_layers": 2, "n_heads": 2, "dim": 32, "max_seq_len": 64},
-        "train": train, "sample": {"prompts": ["1 "], "max_new_tokens": 8}})
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in read_metrics(run_dir) if "loss" in row}
-
-
-def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(checkpoint / "model.safetensors"))
+from tiny_runs import CUSTOM_ARCH, losses, make_recipe, weights
 
 
 def test_schedule_warmup_then_cosine_to_min_lr():
@@ -99,12 +73,12 @@ if mode == "step":
 else:
     real = checkpoint.write_weights
     calls = []
-    def write_weights(tensors, path):
+    def write_weights(tensors, path, *rest):
         calls.append(path)
         if len(calls) == kill_at:
             path.write_bytes(b"partial")
             os._exit(9)
-        real(tensors, path)
+        real(tensors, path, *rest)
     checkpoint.write_weights = write_weights
 loop.train(load_recipe({recipe!r}), progress=False)
 """
@@ -154,7 +128,7 @@ def test_checkpoints_are_self_contained_and_pruned(tmp_path):
     best = ckpt.best_checkpoint(result.run_dir)
     assert names[-2:] == ["step-000012", "step-000016"] and best.name in names and len(names) <= 3
     for item in ("model.safetensors", "config.json", "optimizer.pt", "rng.pt", "state.json", "recipe.yaml",
-                 "tokenizer.json"):
+                 "tokenizer.json", "integrity.json"):
         assert (result.last_checkpoint / item).is_file(), item
     state = json.loads((result.last_checkpoint / "state.json").read_text())
     assert state["step"] == 16 and math.isfinite(state["val_loss"])
@@ -178,30 +152,6 @@ def test_sampling_is_deterministic_with_a_seed(tmp_path):
     streamed = []
     sample(run, "1 ", max_new_tokens=20, temperature=1.0, seed=3, on_text=lambda i, piece: streamed.append(piece))
     assert "".join(streamed) == sample(run, "1 ", max_new_tokens=20, temperature=1.0, seed=3)[0]
-
-
-CUSTOM_ARCH = '''
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-
-class Bigram(nn.Module):
-    """The smallest language model: next-token logits from the current token alone."""
-
-    def __init__(self, vocab_size):
-        super().__init__()
-        self.table = nn.Embedding(vocab_size, vocab_size)
-
-    def forward(self, idx, targets=None):
-        logits = self.table(idx)
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return logits, loss
-
-
-def build(config, vocab_size):
-    return Bigram(vocab_size)
-'''
 
 
 def test_own_architecture_from_a_module_reference_trains_and_resumes(tmp_path, monkeypatch):
