@@ -57,3 +57,7 @@ class InternalError(FledgeError):
     """A bug in fledge rather than in the input: the message says where to report it."""
 
     exit_code = 70
+
+
+class TemplateError(FledgeError):
+    """A chat template cannot render trainable or promptable conversations with this tokenizer."""
