@@ -460,16 +460,19 @@ def answer_text(generated: str, template: str | Template) -> str:
 def set_pad_token(tokenizer) -> list[str]:
     """Give `tokenizer` a pad token that is not EOS; return the tokens added ([] or [PAD]).
 
-    Keeps a pad token that is not EOS, else uses unk (when it is not EOS either), else adds
-    `<|pad|>` as a special token, which needs a row in the model's embeddings.
+    Keeps a pad token that is not EOS, else uses unk, else BOS (when they are not EOS either:
+    pad positions are never attended to nor trained, so any id other than EOS serves and the
+    model's embeddings keep their size), else adds `<|pad|>` as a special token, which needs a
+    row in the model's embeddings.
     """
     from tokenizers import AddedToken
     eos = tokenizer.eos_token
     if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
         return []
-    if tokenizer.unk_token is not None and tokenizer.unk_token != eos:
-        tokenizer.pad_token = tokenizer.unk_token
-        return []
+    for existing in (tokenizer.unk_token, tokenizer.bos_token):
+        if existing is not None and existing != eos:
+            tokenizer.pad_token = existing
+            return []
     added = PAD not in tokenizer.get_added_vocab()
     if added:
         tokenizer.add_tokens([AddedToken(PAD, special=True, normalized=False)], special_tokens=True)
@@ -482,7 +485,7 @@ def hf_tokenizer(path: str | Path):
 
     Same ids as fledge's `Tokenizer.encode` on text without special tokens, the same bos and eos,
     and a pad token that is never EOS: an existing pad or unk token (char and SentencePiece have
-    `<unk>`), else a new `<|pad|>` (bpe; id = the old vocabulary size: resize the embeddings).
+    `<unk>`), else BOS (bpe), else a new `<|pad|>` (id = the old vocabulary size: resize the embeddings).
     Special-token text in the input IS read as the token (templates need that), unlike fledge's
     `encode`. SentencePiece models are converted from the .model file, without protobuf (a model
     with a dummy prefix gets it on every piece of text between special tokens, like transformers'

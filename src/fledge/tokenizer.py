@@ -19,11 +19,16 @@ Every kind saves ONE file that other tools load as it is:
 Special tokens have fixed ids: bpe and char put `<|bos|>` at 0, `<|eos|>` at 1 (char adds
 `<unk>` at 2); sentencepiece uses unk 0, bos 1, eos 2 and no pad. `encode` never adds special
 tokens, and text that merely contains "<|eos|>" is encoded as plain text.
+
+Errors: a missing, unreadable or foreign tokenizer file raises TokenizerError; text that
+cannot support the requested vocabulary raises DataError; a missing `tokenizers` or
+`sentencepiece` package raises DependencyError with the pip command.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -31,7 +36,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from fledge.errors import DataError, FledgeError
+from fledge.errors import DataError, DependencyError, TokenizerError
+from fledge.files import storage_error, write_atomic
 
 BOS, EOS, UNK = "<|bos|>", "<|eos|>", "<unk>"
 # Names that mark begin/end of text in tokenizers brought from elsewhere (tokenizer.path).
@@ -51,26 +57,45 @@ class Tokenizer:
         self.kind = kind
         self._data = data
         self._sha256 = hashlib.sha256(data).hexdigest()
+        unreadable = (f"{origin}: not a readable {kind} tokenizer file ({{}}). Point tokenizer.path at a "
+                      f"tokenizer.json or tokenizer.model, or rerun `fledge prepare RECIPE` to train one.")
         if kind == "sentencepiece":
-            import sentencepiece as spm
-            self._sp = spm.SentencePieceProcessor(model_proto=data)
+            spm = _require("sentencepiece", kind)
             self._hf = None
+            try:
+                self._sp = spm.SentencePieceProcessor(model_proto=data)
+            except RuntimeError as e:
+                raise TokenizerError(unreadable.format(_first_line(e))) from None
+            if self._sp.get_piece_size() == 0:
+                raise TokenizerError(unreadable.format("no pieces"))
             self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         else:
-            import tokenizers
+            tokenizers = _require("tokenizers", kind)
             self._sp = None
-            self._hf = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+            try:
+                self._hf = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+            except Exception as e:  # tokenizers raises a bare Exception for a bad file
+                raise TokenizerError(unreadable.format(_first_line(e))) from None
             # Not saved in the JSON: text that contains "<|eos|>" must stay plain text.
             self._hf.encode_special_tokens = True
             self.bos_id = _first_id(self._hf, _BOS_NAMES)
             self.eos_id = _first_id(self._hf, _EOS_NAMES)
         if self.bos_id is None or self.bos_id < 0 or self.eos_id is None or self.eos_id < 0:
-            raise FledgeError(f"{origin}: the tokenizer has no begin/end-of-text tokens (looked for "
-                              f"{', '.join(_BOS_NAMES)}). Train one with fledge (leave tokenizer.path empty).")
+            raise TokenizerError(f"{origin}: the tokenizer has no begin/end-of-text tokens (looked for "
+                                 f"{', '.join(_BOS_NAMES)}). Train one with fledge (leave tokenizer.path empty).")
 
     @property
     def file_name(self) -> str:
         return self.file_names[self.kind]
+
+    @property
+    def bos_token(self) -> str:
+        """The text of the begin-of-text token (another tokenizer's may be e.g. <s>)."""
+        return self._sp.id_to_piece(self.bos_id) if self._sp is not None else self._hf.id_to_token(self.bos_id)
+
+    @property
+    def eos_token(self) -> str:
+        return self._sp.id_to_piece(self.eos_id) if self._sp is not None else self._hf.id_to_token(self.eos_id)
 
     @property
     def vocab_size(self) -> int:
@@ -104,12 +129,21 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> Path:
         """Write the one tokenizer file into `directory` (atomically) and return its path."""
-        path = Path(directory) / self.file_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self._data)
-        tmp.replace(path)
-        return path
+        return write_atomic(Path(directory) / self.file_name, self._data)
+
+
+def _require(module: str, kind: str):
+    """Import the package a tokenizer kind needs, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DependencyError(f"tokenizer.kind {kind} needs the {module} package, which is not installed. "
+                              f"Install it with `pip install {module}`.") from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(error).__name__
 
 
 def _first_id(hf, names: tuple[str, ...]) -> int | None:
@@ -130,10 +164,10 @@ def find_tokenizer_file(directory: str | Path) -> Path:
     if len(found) == 1:
         return found[0]
     if found:
-        raise FledgeError(f"{directory}: holds both {' and '.join(names)}; delete the one you do not use.")
+        raise TokenizerError(f"{directory}: holds both {' and '.join(names)}; delete the one you do not use.")
     have = sorted(p.name for p in directory.iterdir())[:12] if directory.is_dir() else []
-    raise FledgeError(f"{directory}: no {' or '.join(names)} (found: {', '.join(have) or 'nothing'}). "
-                      f"Create it with `fledge prepare RECIPE`.")
+    raise TokenizerError(f"{directory}: no {' or '.join(names)} (found: {', '.join(have) or 'nothing'}). "
+                         f"Create it with `fledge prepare RECIPE`.")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -142,20 +176,24 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if path.is_dir():
         path = find_tokenizer_file(path)
     if not path.is_file():
-        raise FledgeError(f"{path}: no such tokenizer file. Set tokenizer.path to a tokenizer.json or "
-                          f"tokenizer.model, or run `fledge prepare RECIPE` to train one.")
-    data = path.read_bytes()
+        what = "not a regular file" if path.exists() else "no such tokenizer file"
+        raise TokenizerError(f"{path}: {what}. Set tokenizer.path to a tokenizer.json or "
+                             f"tokenizer.model, or run `fledge prepare RECIPE` to train one.")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise storage_error(e, path, "read") from None
     if path.suffix == ".model":
         return Tokenizer("sentencepiece", data, origin=str(path))
     try:
         model_type = json.loads(data)["model"]["type"]
-    except (ValueError, KeyError, TypeError):
-        raise FledgeError(f"{path}: not a tokenizers JSON file (no model.type). Point tokenizer.path at a "
-                          f"tokenizer.json or tokenizer.model.") from None
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise TokenizerError(f"{path}: not a tokenizers JSON file (no model.type). Point tokenizer.path at a "
+                             f"tokenizer.json or tokenizer.model.") from None
     kinds = {"BPE": "bpe", "WordLevel": "char"}
     if model_type not in kinds:
-        raise FledgeError(f"{path}: a {model_type} tokenizer; fledge reads BPE and WordLevel (char) "
-                          f"tokenizer.json files and SentencePiece tokenizer.model files.")
+        raise TokenizerError(f"{path}: a {model_type} tokenizer; fledge reads BPE and WordLevel (char) "
+                             f"tokenizer.json files and SentencePiece tokenizer.model files.")
     return Tokenizer(kinds[model_type], data, origin=str(path))
 
 
@@ -191,6 +229,7 @@ def _nonempty(texts: Iterator[str]) -> Iterator[str]:
 
 
 def _train_bpe(vocab_size: int, texts: Iterator[str]) -> Tokenizer:
+    _require("tokenizers", "bpe")
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -202,6 +241,7 @@ def _train_bpe(vocab_size: int, texts: Iterator[str]) -> Tokenizer:
 
 
 def _train_char(vocab_size: int, texts: Iterator[str]) -> Tokenizer:
+    _require("tokenizers", "char")
     from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
     chars: set[str] = set()
     for text in _nonempty(texts):
@@ -232,7 +272,7 @@ def _sentences(texts: Iterator[str]) -> Iterator[str]:
 
 
 def _train_sentencepiece(vocab_size: int, texts: Iterator[str]) -> Tokenizer:
-    import sentencepiece as spm
+    spm = _require("sentencepiece", "sentencepiece")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

@@ -6,7 +6,9 @@ and every bad input gets a one-line error naming the file.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 
 from conftest import shared_data
 from fledge import prepare as prep
-from fledge.errors import DataError, FledgeError
+from fledge.errors import DataError, FledgeError, RecipeError, StorageError
 from fledge.prepare import load_manifest, prepare, shard_arrays
 from fledge.recipe import load_recipe
 from fledge.tokenizer import load_tokenizer
@@ -399,3 +401,220 @@ def test_unchanged_sources_are_not_read_again(tmp_path, monkeypatch):
     write(files[0], prose(42))                                   # new content, new mtime
     second = prepare(r, progress=False)
     assert hashed == [files[0]] and second["fingerprint"] != first["fingerprint"]
+
+
+def test_corrupt_manifest_is_a_data_error(tmp_path):
+    r = recipe(tmp_path, corpus(tmp_path))
+    prepare(r, progress=False)
+    (r.prepared_path / "manifest.json").write_text('{"version": 1, "splits": ')
+    with pytest.raises(DataError, match=r"manifest\.json: not a readable manifest \(.*\)\. Rerun `fledge prepare"):
+        load_manifest(r.prepared_path)
+
+
+# --- the prepared folder: prepare deletes only what it can prove it created -------------------
+
+def snapshot(root) -> dict:
+    """Every file below `root` (links not followed) with its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("setting", ["run_dir: .", "name: ..", "data.prepared_dir: corpus"])
+def test_prepared_folder_over_the_sources_is_refused(tmp_path, monkeypatch, setting):
+    monkeypatch.chdir(tmp_path)
+    folder = "corpus" if "corpus" in setting else "data"
+    write(tmp_path / folder / "train" / "a.txt", prose(1))
+    write(tmp_path / folder / "train" / "rows.jsonl", json.dumps({"text": prose(2)}) + "\n")
+    write(tmp_path / folder / "val" / "b.txt", prose(3))
+    base = {"data": {"sources": [f"{folder}/train", f"{folder}/val"]}, "tokenizer": {"kind": "char", "vocab_size": 100}}
+    if setting == "run_dir: .":
+        base["run_dir"] = "."
+    if folder == "corpus":
+        base["data"]["prepared_dir"] = "corpus"
+    r = load_recipe(None, base=base)
+    if setting == "name: ..":
+        r.name = ".."  # the recipe check refuses this name now; prepare must not rely on that
+    before = snapshot(tmp_path)
+    with pytest.raises(DataError) as err:
+        prepare(r, progress=False)
+    assert snapshot(tmp_path) == before  # every source byte is still there, and nothing was written
+    message = str(err.value)
+    assert message.startswith(f"{folder}/train/a.txt: this source lies inside the prepared folder "
+                              f"{r.prepared_path}, where prepare writes train/, val/")
+    assert "Set data.prepared_dir to a folder outside the sources" in message and "\n" not in message
+
+
+def test_prepared_folder_inside_a_source_folder_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "a.txt", prose(1))
+    with pytest.raises(DataError, match=r"^\.: the prepared folder out/prep lies inside this source folder, "
+                                        r".*Set data\.prepared_dir to a folder outside the sources"):
+        prepare(load_recipe(None, base={"data": {"sources": ["."], "prepared_dir": "out/prep"}}), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_rerun_replaces_old_shards_in_marked_folders(tmp_path):
+    files = corpus(tmp_path, 6)
+    r = recipe(tmp_path, files, shard_tokens=1000, val_fraction=0.0, tokenizer={"kind": "char", "vocab_size": 100})
+    out = r.prepared_path
+    first = prepare(r, progress=False)
+    assert len(first["splits"]["train"]["shards"]) > 2
+    for folder in (out, out / "train"):
+        assert json.loads((folder / ".fledge-prepared").read_text()) == {"fledge": "prepared",
+                                                                        "id": first["prepared_id"]}
+    for f in files:
+        write(f, f"short {f.name}\n")
+    second = prepare(r, progress=False)
+    assert second["prepared_id"] == first["prepared_id"] and len(second["splits"]["train"]["shards"]) == 1
+    assert sorted(p.name for p in (out / "train").iterdir()) == [".fledge-prepared", "shard-00000.bin"]
+    assert sorted(documents(out, "train")) == sorted(f.read_bytes().decode() for f in files)
+    assert not list(out.glob(".tmp-*")) and not list(out.rglob("*.tmp"))
+
+
+def test_a_folder_prepare_cannot_prove_it_made_is_kept(tmp_path):
+    files = corpus(tmp_path)
+    r = recipe(tmp_path, files, tokenizer={"kind": "char", "vocab_size": 100})
+    out = r.prepared_path
+    prepare(r, progress=False)
+    write(out / "train" / "notes.txt", "mine\n")
+    for n, reason in enumerate(["it holds notes.txt, which prepare did not write",
+                                "it has no .fledge-prepared of this prepared folder"]):
+        if n == 1:
+            (out / "train" / ".fledge-prepared").unlink()
+        write(files[0], prose(10 + n))  # a changed source: the shards must be rebuilt
+        before = snapshot(out / "train")
+        with pytest.raises(StorageError) as err:
+            prepare(r, progress=False)
+        assert str(err.value) == (f"{out / 'train'}: prepare did not create this folder ({reason}), so it will "
+                                  f"not delete it. If it holds only shards of an earlier prepare, delete it "
+                                  f"yourself; otherwise move it away or set data.prepared_dir to a new folder.")
+        assert snapshot(out / "train") == before
+
+
+def test_a_foreign_prepared_folder_is_refused(tmp_path):
+    mine = write(tmp_path / "mine" / "recipe.yaml", "my own notes\n")
+    r = recipe(tmp_path, corpus(tmp_path), out="mine")
+    with pytest.raises(StorageError, match=r"mine: the prepared folder already holds files prepare did not write "
+                                           r"\(recipe\.yaml\) and no \.fledge-prepared; .*Set data\.prepared_dir"):
+        prepare(r, progress=False)
+    assert mine.read_text() == "my own notes\n" and sorted(p.name for p in mine.parent.iterdir()) == ["recipe.yaml"]
+
+
+def test_stale_temporary_folders_go_only_with_the_marker(tmp_path):
+    files = corpus(tmp_path)
+    r = recipe(tmp_path, files, tokenizer={"kind": "char", "vocab_size": 100})
+    out = r.prepared_path
+    marker = json.dumps({"fledge": "prepared", "id": prepare(r, progress=False)["prepared_id"]})
+    own = write(out / ".tmp-1-aaaa" / ".fledge-prepared", marker).parent
+    write(own / "train" / ".fledge-prepared", marker)
+    (own / "train" / "shard-00000.bin").write_bytes(b"\0\0")
+    foreign = write(out / ".tmp-2-bbbb" / "keep.txt", "x").parent
+    write(files[0], prose(11))
+    prepare(r, progress=False)
+    assert not own.exists() and (foreign / "keep.txt").read_text() == "x"
+
+
+# --- which files are read -------------------------------------------------------------------------
+
+def test_symlink_loop_lists_each_folder_once(tmp_path, monkeypatch):
+    write(tmp_path / "c" / "a.txt", prose(1))
+    write(tmp_path / "c" / "sub" / "b.md", prose(2))
+    (tmp_path / "c" / "sub" / "up").symlink_to("..")  # c/sub/up/sub/up/... loops
+    listed, scandir = [], os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": listed.append(str(path)) or scandir(path))
+    sources = [tmp_path / "c", f"{tmp_path}/c/**/*.txt", f"{tmp_path}/c/**", tmp_path / "c" / "a.txt"]
+    manifest = prepare(recipe(tmp_path, sources, tokenizer={"kind": "char", "vocab_size": 100}), progress=False)
+    assert [s["path"] for s in manifest["sources"]] == [f"{tmp_path}/c/a.txt", f"{tmp_path}/c/sub/b.md"]
+    assert manifest["stats"]["documents"] == 2
+    walked = [p for p in listed if p.startswith(str(tmp_path / "c"))]
+    assert sorted(set(walked)) == [str(tmp_path / "c"), str(tmp_path / "c" / "sub")]  # never c/sub/up/...
+    assert len(walked) <= 10  # a few walks of two real folders; glob.glob listed 40+ folders for one glob
+
+
+def test_symlinked_folders_are_entered_once(tmp_path):
+    write(tmp_path / "c" / "a.txt", prose(1))
+    write(tmp_path / "other" / "x.txt", prose(2))
+    write(tmp_path / "around.txt", prose(3))  # beside the walked folder: a link up must not reach it
+    for name, target in [("link", tmp_path / "other"), ("link2", tmp_path / "other"), ("self", "."), ("up", "..")]:
+        (tmp_path / "c" / name).symlink_to(target)
+    for entry in [tmp_path / "c", f"{tmp_path}/c/**/*.txt", f"{tmp_path}/c/**", f"{tmp_path}/c/*"]:
+        manifest = prepare(recipe(tmp_path, [entry], tokenizer={"kind": "char", "vocab_size": 100}), progress=False)
+        assert [s["path"] for s in manifest["sources"]] == [f"{tmp_path}/c/a.txt", f"{tmp_path}/c/link/x.txt"]
+
+
+def test_a_source_named_twice_is_read_once(tmp_path):
+    a, b = write(tmp_path / "a.txt", prose(1)), write(tmp_path / "b.txt", prose(2))
+    (tmp_path / "link.txt").symlink_to(a)
+    r = recipe(tmp_path, [a, a, f"{tmp_path}/*.txt", tmp_path / "link.txt"], val_fraction=0.0)
+    manifest = prepare(r, progress=False)
+    assert [s["path"] for s in manifest["sources"]] == [a.as_posix(), b.as_posix()]
+    assert sorted(documents(r.prepared_path, "train")) == sorted([prose(1), prose(2)])
+
+
+@pytest.mark.parametrize("entry", ["{tmp}/pipe.txt", "{tmp}", "{tmp}/*.txt", "{tmp}/**/*.txt"])
+def test_a_pipe_is_refused_not_read(tmp_path, entry):
+    write(tmp_path / "a.txt", prose(1))
+    os.mkfifo(tmp_path / "pipe.txt")  # reading it would wait forever
+    with pytest.raises(DataError, match=rf"^{tmp_path}/pipe\.txt: not a regular file \(a pipe, socket or device\); "
+                                        r"prepare reads only regular files"):
+        prepare(recipe(tmp_path, [entry.format(tmp=tmp_path)]), progress=False)
+
+
+def test_nul_bytes_in_text_files_are_text(tmp_path):
+    text = "before\x00after\n" + prose(1)
+    r = recipe(tmp_path, [write(tmp_path / "a.txt", text), write(tmp_path / "b.txt", prose(2))], val_fraction=0.0)
+    prepare(r, progress=False)
+    assert sorted(documents(r.prepared_path, "train")) == sorted([text, prose(2)])
+
+
+def test_on_bad_row_is_validated():
+    with pytest.raises(RecipeError, match=r"data\.on_bad_row is 'drop'; choose one of error, skip"):
+        load_recipe(None, base={"data": {"on_bad_row": "drop"}})
+
+
+# --- a full disk ----------------------------------------------------------------------------------
+
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def no_temp_files(out) -> bool:
+    return not list(out.glob(".tmp-*")) and not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_full_disk_while_writing_shards(tmp_path, monkeypatch):
+    files = corpus(tmp_path)
+    r = recipe(tmp_path, files, tokenizer={"kind": "char", "vocab_size": 100})
+    prepare(r, progress=False)
+    write(files[0], prose(20))
+    with monkeypatch.context() as m:
+        m.setattr(prep.ShardWriter, "write", full_disk)
+        with pytest.raises(StorageError) as err:
+            prepare(r, progress=False)
+    assert str(err.value) == (f"could not write shards into {r.prepared_path}: the disk is full; free some space "
+                              f"and run the command again (finished work is kept)")
+    assert no_temp_files(r.prepared_path)
+    with pytest.raises(DataError, match="not prepared"):  # cleanly absent, never a manifest over old shards
+        load_manifest(r.prepared_path)
+    prepare(r, progress=False)
+    assert sorted(documents(r.prepared_path, "train") + documents(r.prepared_path, "val")) == \
+        sorted(f.read_bytes().decode() for f in files)
+
+
+@pytest.mark.parametrize("target", ["manifest.json", "source-scan.json", "tokenizer.json"])
+def test_full_disk_on_a_small_file(tmp_path, monkeypatch, target):
+    files = corpus(tmp_path)
+    r = recipe(tmp_path, files, tokenizer={"kind": "char", "vocab_size": 100})
+    first = prepare(r, progress=False)
+    write(files[0], prose(21) + "\u00e6")  # changed text (a new character): scan, tokenizer and shards are redone
+    replace = os.replace
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", lambda src, dst: full_disk() if str(dst).endswith(target) else replace(src, dst))
+        with pytest.raises(StorageError, match=rf"^could not write .*{target}: the disk is full"):
+            prepare(r, progress=False)
+    assert no_temp_files(r.prepared_path)
+    if target == "source-scan.json":  # nothing was touched yet: the previous manifest still works
+        assert load_manifest(r.prepared_path) == first
+    else:
+        with pytest.raises(DataError, match="not prepared"):
+            load_manifest(r.prepared_path)
+    assert prepare(r, progress=False)["fingerprint"] != first["fingerprint"]

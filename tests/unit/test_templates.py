@@ -303,7 +303,7 @@ def test_stop_tokens_and_answer_text(files):
 
 # --- transformers tokenizers from fledge's, and checkpoint files -------------------------------------
 
-@pytest.mark.parametrize("kind, pad", [("bpe", PAD), ("sentencepiece", "<unk>"), ("char", "<unk>"),
+@pytest.mark.parametrize("kind, pad", [("bpe", "<|bos|>"), ("sentencepiece", "<unk>"), ("char", "<unk>"),
                                        ("gpt2-like", PAD)])
 def test_pad_is_never_eos(kind, pad, files):
     tok = load(kind, files)

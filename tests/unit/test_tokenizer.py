@@ -5,12 +5,15 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import random
+import sys
 
 import pytest
 
-from fledge.errors import DataError, FledgeError
+from fledge.errors import DataError, DependencyError, StorageError, TokenizerError
 from fledge.recipe import load_recipe
 from fledge.tokenizer import Tokenizer, find_tokenizer_file, load_tokenizer, train_tokenizer
 
@@ -151,18 +154,68 @@ def test_tokenizer_json_loads_in_transformers(kind, tmp_path):
 
 def test_find_tokenizer_file_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(FledgeError, match=r"no tokenizer.json or tokenizer.model \(found: notes.txt\).*"
+    with pytest.raises(TokenizerError, match=r"no tokenizer.json or tokenizer.model \(found: notes.txt\).*"
                                           r"fledge prepare RECIPE"):
         find_tokenizer_file(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "tokenizer.model").write_bytes(b"")
-    with pytest.raises(FledgeError, match="holds both"):
+    with pytest.raises(TokenizerError, match="holds both"):
         find_tokenizer_file(tmp_path)
 
 
 def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(FledgeError, match="no such tokenizer file"):
+    with pytest.raises(TokenizerError, match="no such tokenizer file"):
         load_tokenizer(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text('{"model": {"type": "Unigram"}}')
-    with pytest.raises(FledgeError, match="a Unigram tokenizer"):
+    with pytest.raises(TokenizerError, match="a Unigram tokenizer"):
         load_tokenizer(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("name,data,match", [
+    ("broken.json", b'{"model": {"type": "BPE"}}', r"not a readable bpe tokenizer file \(.+\)\. Point tokenizer\.path"),
+    ("empty.model", b"", r"not a readable sentencepiece tokenizer file \(no pieces\)"),
+    ("garbage.model", b"\x00garbage\xff", r"not a readable sentencepiece tokenizer file \(.+\)"),
+    ("nested.json", b"[" * 100_000, r"not a tokenizers JSON file"),
+])
+def test_unreadable_tokenizer_files(tmp_path, name, data, match):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(TokenizerError, match=rf"^{path}: {match}") as err:
+        load_tokenizer(path)
+    assert "\n" not in str(err.value)
+
+
+def test_tokenizer_without_bos_and_eos(tmp_path):
+    tok = train_tokenizer(config("char"), ["abc"])
+    path = tok.save(tmp_path)
+    path.write_text(path.read_text().replace("<|bos|>", "<|x|>").replace("<|eos|>", "<|y|>"))
+    with pytest.raises(TokenizerError, match="has no begin/end-of-text tokens"):
+        load_tokenizer(path)
+
+
+@pytest.mark.parametrize("module,kind", [("sentencepiece", "sentencepiece"), ("tokenizers", "bpe"),
+                                         ("tokenizers", "char")])
+def test_missing_package_names_the_pip_command(monkeypatch, tmp_path, module, kind):
+    saved = train_tokenizer(config(kind), [prose(lines=50), TRICKY]).save(tmp_path)
+    monkeypatch.setitem(sys.modules, module, None)  # import now raises ImportError
+    message = (f"tokenizer.kind {kind} needs the {module} package, which is not installed. "
+               f"Install it with `pip install {module}`.")
+    with pytest.raises(DependencyError) as err:
+        train_tokenizer(config(kind), [prose(lines=50)])
+    assert str(err.value) == message
+    with pytest.raises(DependencyError) as err:
+        load_tokenizer(saved)
+    assert str(err.value) == message
+
+
+def test_save_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+    old = train_tokenizer(config("char"), ["abc"])
+    path = old.save(tmp_path)
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(StorageError, match=rf"^could not write {path}: the disk is full"):
+        train_tokenizer(config("char"), ["abcd"]).save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left behind
+    assert load_tokenizer(path).sha256 == old.sha256
