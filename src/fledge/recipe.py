@@ -41,9 +41,27 @@ def section(cls: type, help: str) -> Any:
     return field(default_factory=cls, metadata={"help": help})
 
 
+ROW_FORMATS = ("auto", "io", "alpaca", "chat", "prompt_completion", "text")
+
+
+@dataclass
+class RowSource:
+    path: str = option("", "a .jsonl, .json, .csv or .parquet file of rows; relative to the working directory")
+    format: str = option("auto", "how its rows read: detected per row (auto), or one format for every row",
+                         choices=ROW_FORMATS)
+    input_field: str = option("", "field holding the prompt when it has another name (e.g. input_code)")
+    output_field: str = option("", "field holding the answer when it has another name (e.g. output_dot)")
+    weight: float = option(1.0, "how often this source's rows are drawn relative to the other sources'", min=0.0)
+
+
 @dataclass
 class DataConfig:
     sources: list = option([], "text files, folders or globs (.txt, .md, .jsonl); relative to the working directory")
+    rows: list[RowSource] = option([], "fine-tuning rows (instruction, chat, input/output pairs): files, or "
+                                   "{path, format, input_field, output_field, weight}; instead of sources")
+    val_rows: list[RowSource] = option([], "held-out rows for validation; empty: val_fraction of data.rows, "
+                                       "split by split_seed")
+    group_by: str = option("", "metadata field whose equal values stay on one side of the val split of rows")
     text_field: str = option("text", "field holding the text in .jsonl sources")
     strip_gutenberg: bool = option(False, "cut Project Gutenberg headers and footers (*** START/END OF ...)")
     on_decode_error: str = option("error", "what to do with bytes that are not UTF-8", choices=("error", "replace"))
@@ -69,6 +87,10 @@ class TokenizerConfig:
 @dataclass
 class ModelConfig:
     arch: str = option("llama", "registered architecture name, or 'package.module:function' for your own")
+    base: str = option("", "start from this model (its weights, architecture and tokenizer): a fledge run or "
+                       "checkpoint folder, a transformers model folder, or a hub id when online")
+    trust_remote_code: bool = option(False, "let a transformers base run Python code of its own (only bases you "
+                                     "trust)")
     preset: str = option("", "named size (see `fledge recipe keys`); keys set here override it")
     n_layers: int = option(4, "transformer blocks", min=1)
     n_heads: int = option(4, "attention heads", min=1)
@@ -115,6 +137,36 @@ class TrainConfig:
     checkpoint_every: int = option(500, "steps between checkpoints; 0: only at the end", min=0)
     keep_last: int = option(2, "checkpoints kept besides the best one", min=1)
     tensorboard: bool = option(False, "also write TensorBoard logs (needs the tensorboard package)")
+    epochs: float = option(0.0, "passes over the fine-tuning rows; when above 0 it sets max_steps", min=0.0)
+    early_stop_patience: int = option(0, "stop after this many evaluations without improvement; 0: off", min=0)
+    early_stop_min_delta: float = option(0.0, "an evaluation improves when val loss falls by more than this",
+                                         min=0.0)
+
+
+@dataclass
+class TemplateConfig:
+    name: str = option("", "chat template of fine-tuning and inference: chatml, llama-3, gemma, alpaca, qa, "
+                       "plain, or base (the base's own); empty: the base's own, else an error")
+    jinja: str = option("", "your own Jinja chat template, answers inside {% generation %} blocks; "
+                        "overrides name")
+    system: str = option("", "system prompt rendered before every conversation")
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = option("full", "which weights train: all of them (full), low-rank adapters (lora), or "
+                         "adapters on a 4- or 8-bit frozen base (qlora)", choices=("full", "lora", "qlora"))
+    lora_r: int = option(8, "adapter rank", min=1)
+    lora_alpha: float = option(16.0, "adapter scale numerator (the update is scaled by alpha / r)", min=0.0)
+    lora_dropout: float = option(0.0, "dropout on the adapters' input", min=0.0, max=1.0)
+    lora_targets: list = option([], "module names to adapt; empty: every attention and MLP projection")
+    quant_bits: int = option(4, "qlora: bits of the frozen base (4: nf4, 8: int8)", choices=(4, 8))
+    train_on_prompt: bool = option(False, "train on prompt tokens too (default: answers and their end token)")
+    packing: bool = option(True, "pack several rows into each train.block_size sequence (attention stays "
+                           "within a row); false: one row per sequence, padded")
+    max_length: int = option(0, "longest row in tokens; 0: train.block_size", min=0)
+    on_too_long: str = option("error", "rows longer than max_length: stop and name them (error), cut the prompt "
+                              "from the left (truncate), or drop them (drop)", choices=("error", "truncate", "drop"))
 
 
 @dataclass
@@ -134,7 +186,13 @@ class Recipe:
     tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer kind and size")
     model: ModelConfig = section(ModelConfig, "architecture and size")
     train: TrainConfig = section(TrainConfig, "optimizer, schedule, evaluation and checkpoints")
+    finetune: FinetuneConfig = section(FinetuneConfig, "fine-tuning method, adapters, masking and packing")
+    template: TemplateConfig = section(TemplateConfig, "how conversations become text, at training and inference")
     sample: SampleConfig = section(SampleConfig, "sampling defaults and the prompts sampled during training")
+
+    # Not a recipe key: the dotted keys the YAML and overrides set (the others hold defaults).
+    # A base model fills the unset model keys and refuses set ones that contradict it.
+    given = frozenset()
 
     @property
     def run_path(self) -> Path:
@@ -189,7 +247,18 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         problems.extend(check_machine_support(recipe))
     raise_problems(source, problems)
     recipe.model.code_allowed = allow_code
+    recipe.given = frozenset(_dotted_keys(raw))
     return recipe
+
+
+def _dotted_keys(raw: dict, prefix: str = "") -> list[str]:
+    """Every key a recipe sets itself, dotted (`model.dim`): a base's values may fill the others."""
+    out = []
+    for key, value in raw.items():
+        out.append(prefix + str(key))
+        if isinstance(value, dict):
+            out.extend(_dotted_keys(value, f"{prefix}{key}."))
+    return out
 
 
 def raise_problems(source: str, problems: list[str]) -> None:
@@ -308,6 +377,8 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str],
         typ = hints[name]
         if dataclasses.is_dataclass(typ):
             values[name] = _build(typ, raw[name], f"{prefix}{name}.", problems, names)
+        elif _item_class(typ):
+            values[name] = _build_list(_item_class(typ), raw[name], f"{prefix}{name}", problems, names)
         else:
             ok, value = _coerce(raw[name], typ)
             key = (names or {}).get(prefix + name, prefix + name)
@@ -323,6 +394,27 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str],
                 continue
             values[name] = value
     return cls(**values)
+
+
+def _item_class(typ: Any) -> type | None:
+    """The dataclass of a `list[SomeConfig]` field, else None."""
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def _build_list(cls: type, raw: Any, key: str, problems: list[str], names) -> list:
+    """A list of `cls` from a list of mappings; a bare string (or a list of them) names `cls`'s first
+    field, so `rows: [a.jsonl, {path: b.csv, weight: 2}]` and `rows: a.jsonl` both work."""
+    items = raw if isinstance(raw, list) else [raw]
+    first = dataclasses.fields(cls)[0].name
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            item = {first: item}
+        out.append(_build(cls, item, f"{key}[{i}].", problems, names))
+    return out
 
 
 def _coerce(value: Any, typ: Any) -> tuple[bool, Any]:
@@ -410,6 +502,40 @@ def check_consistency(r: Recipe, allow_code: bool = True) -> list[str]:
     if r.tokenizer.kind != "char" and r.tokenizer.vocab_size < 260:
         out.append(f"tokenizer.vocab_size ({r.tokenizer.vocab_size}) is below the 256 bytes plus special tokens "
                    f"a {r.tokenizer.kind} tokenizer needs; use at least 260 or tokenizer.kind: char")
+    return out + _finetune_problems(r)
+
+
+def _finetune_problems(r: Recipe) -> list[str]:
+    """Rules for starting from a base and training on rows."""
+    out = []
+    d, f, m = r.data, r.finetune, r.model
+    if d.rows and d.sources:
+        out.append("data.sources and data.rows are both set: a run trains on a text corpus (sources) or on "
+                   "rows (instruction, chat, pairs), not both. Keep one")
+    if d.val_rows and not d.rows:
+        out.append("data.val_rows is set without data.rows; validation rows need training rows")
+    if d.rows and not m.base:
+        out.append("data.rows needs model.base: fine-tuning starts from a trained model (a fledge run, a "
+                   "transformers folder). Pretrain one first with data.sources")
+    if f.method != "full" and not m.base:
+        out.append(f"finetune.method {f.method} needs model.base: adapters train on top of a trained model")
+    for i, src in enumerate(d.rows + d.val_rows):
+        key = f"data.rows[{i}]" if i < len(d.rows) else f"data.val_rows[{i - len(d.rows)}]"
+        if not src.path:
+            out.append(f"{key}.path is empty; name a .jsonl, .json, .csv or .parquet file")
+    if d.rows and not any(src.weight > 0 for src in d.rows):
+        out.append("every data.rows weight is 0; give at least one source a weight above 0")
+    if f.max_length > r.train.block_size:
+        out.append(f"finetune.max_length ({f.max_length}) exceeds train.block_size ({r.train.block_size}), the "
+                   f"length of a training sequence. Lower max_length or raise block_size")
+    if r.train.epochs and not d.rows:
+        out.append("train.epochs counts passes over data.rows; a corpus run counts train.max_steps. Remove "
+                   "train.epochs or set data.rows")
+    if m.base:
+        given = sorted(k for k in r.given if k.startswith("tokenizer."))
+        if given:
+            out.append(f"{', '.join(given)} set with model.base: the tokenizer comes from the base. Remove "
+                       f"the tokenizer keys")
     return out
 
 
@@ -452,10 +578,14 @@ def describe_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, 
             rows.append((prefix + f.name, "", f.metadata.get("help", "")))
             rows.extend(describe_keys(typ, prefix + f.name + "."))
             continue
+        if _item_class(typ):
+            rows.append((prefix + f.name, "[]", f.metadata.get("help", "")))
+            rows.extend(describe_keys(_item_class(typ), prefix + f.name + "[]."))
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         helptext = f.metadata.get("help", "")
         if f.metadata.get("choices"):
-            helptext += f" [{'|'.join(f.metadata['choices'])}]"
+            helptext += f" [{'|'.join(map(str, f.metadata['choices']))}]"
         rows.append((prefix + f.name, json.dumps(default), helptext))
     return rows
 
