@@ -1,4 +1,4 @@
-"""Finding data files and reading their rows without trusting them.
+"""Finding data files and reading their rows without trusting them: .jsonl, .json, .csv, .parquet.
 
     paths = expand_sources(["data/", "extra/*.jsonl"])    # files, deduplicated by real path
     refuse_overwrite([("output", "merged.jsonl")], paths)  # before any work is done
@@ -10,6 +10,11 @@ float or with more digits than Python converts is an invalid row, and so are row
 than MAX_DEPTH levels and strings holding a lone surrogate escape ("\\ud800", which no UTF-8
 file can store). Each such row becomes an `Invalid` at its file:line like any other bad row,
 so `--drop-invalid` drops it and the rest of the file is still read.
+
+A .parquet file (read with pyarrow, in batches of rows) numbers its rows from 1 as its "lines".
+Its values must be what a JSON row can hold too: a NaN or infinite number (pandas' missing
+value) or a value JSON has no type for (bytes, a timestamp, a decimal) makes the row an
+`Invalid` naming the column; cast such columns to strings or drop them.
 
 Lines count on "\\n" only (a JSONL file is split on it; CSV lines are decoded one by one, so
 a decoding error names its own line). Only regular files are read: a FIFO or device named as
@@ -31,9 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from fledge.errors import DataError
+from fledge.errors import DataError, DependencyError
 
-SUFFIXES = (".jsonl", ".json", ".csv")
+SUFFIXES = (".jsonl", ".json", ".csv")   # what folder walks of the data tools pick up
+ROW_SUFFIXES = (*SUFFIXES, ".parquet")   # fine-tuning rows (data.rows) also read Parquet found in folders
+PARQUET_BATCH = 1024   # rows converted to Python at a time
 MAX_DEPTH = 200   # nesting levels a row may have: chat rows need 3, and json recurses once per level
 MAGIC = re.compile(r"[*?\[]")
 
@@ -138,11 +145,13 @@ def decode_json(text: str) -> Any:
 # --- reading files ---------------------------------------------------------------------------
 
 def iter_raw_rows(path: str | Path, list_key: str = "") -> Iterator[tuple[int | None, Any]]:
-    """(line, row) for every row of a .jsonl, .json or .csv file; row is an `Invalid` when unreadable.
+    """(line, row) for every row of a .jsonl, .json, .csv or .parquet file; row is an `Invalid` when
+    unreadable.
 
-    Lines count from 1. A JSON row spanning lines gets the line where it starts. Raises DataError
-    when the file as a whole cannot be read (not a regular file; a .json file whose rows cannot be
-    told apart; a CSV header that is not usable).
+    Lines count from 1 (Parquet: row numbers). A JSON row spanning lines gets the line where it
+    starts. Raises DataError when the file as a whole cannot be read (not a regular file; a .json
+    file whose rows cannot be told apart; a CSV header that is not usable; not a Parquet file), and
+    DependencyError for a .parquet file without pyarrow installed.
     """
     p = Path(path)
     _require_regular(p)
@@ -151,6 +160,8 @@ def iter_raw_rows(path: str | Path, list_key: str = "") -> Iterator[tuple[int | 
         rows = _iter_csv(p)
     elif suffix == ".json":
         rows = _iter_json_array(p, list_key)
+    elif suffix == ".parquet":
+        rows = _iter_parquet(p)
     else:
         rows = _iter_jsonl(p)
     try:
@@ -164,7 +175,7 @@ def _require_regular(p: Path) -> None:
     try:
         mode = os.stat(p).st_mode
     except FileNotFoundError:
-        raise DataError("no such file. Pass .jsonl, .json or .csv files (or folders holding them).",
+        raise DataError("no such file. Pass .jsonl, .json, .csv or .parquet files (or folders holding them).",
                         path=str(p)) from None
     except OSError as e:
         raise DataError(f"cannot read it ({e.strerror or e}).", path=str(p)) from None
@@ -389,6 +400,57 @@ def _iter_csv(p: Path) -> Iterator[tuple[int, Any]]:
             raise DataError(f"not valid CSV ({e}). Fix the file.", path=str(p), line=counted) from None
 
 
+def _iter_parquet(p: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DependencyError(f"{p}: reading .parquet files needs pyarrow. Install it: pip install pyarrow") from None
+    try:
+        handle = pq.ParquetFile(p)
+    except (pyarrow.ArrowException, ValueError) as e:
+        raise DataError(f"not a readable Parquet file ({_first_line(e)}). Check the file, or convert it to .jsonl.",
+                        path=str(p)) from None
+    number = 0
+    try:
+        for batch in handle.iter_batches(batch_size=PARQUET_BATCH):
+            for row in batch.to_pylist(maps_as_pydicts="lossy"):
+                number += 1
+                yield number, _parquet_row(row)
+    except pyarrow.ArrowException as e:
+        raise DataError(f"cannot read the rows after row {number:,} ({_first_line(e)}). Check the file.",
+                        path=str(p)) from None
+    finally:
+        handle.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _parquet_row(row: dict) -> Any:
+    """The row, or an Invalid naming the first column holding a value a JSON row cannot hold."""
+    for column, value in row.items():
+        stack = [value]
+        while stack:
+            node = stack.pop()
+            if node is None or isinstance(node, (str, bool, int)):
+                continue
+            if isinstance(node, float):
+                if not math.isfinite(node):
+                    return Invalid(f"column {column!r} holds {node} (pandas writes NaN for a missing number), which a "
+                                   f"row cannot hold: JSON has no NaN or Infinity. Fill the column or drop it")
+            elif isinstance(node, dict):
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+            else:
+                return Invalid(f"column {column!r} holds a {type(node).__name__} value, which a row cannot hold (rows "
+                               f"are JSON: text, numbers, lists, objects). Cast the column to a string or drop it")
+    return row
+
+
 # --- which files -----------------------------------------------------------------------------
 
 def expand_sources(sources: Iterable[str | Path], suffixes: tuple[str, ...] = SUFFIXES) -> list[Path]:
@@ -433,8 +495,8 @@ def expand_sources(sources: Iterable[str | Path], suffixes: tuple[str, ...] = SU
         near = sorted({str(f) for m in missing if Path(m).parent.is_dir() for f in Path(m).parent.iterdir()
                        if f.suffix.lower() in suffixes})[:8]
         found = f" Data files next to it: {', '.join(near)}." if near else ""
-        raise DataError(f"no such file: {', '.join(missing)}.{found} Pass .jsonl, .json or .csv files "
-                        f"(or folders holding them).")
+        kinds = ", ".join(suffixes[:-1]) + " or " + suffixes[-1]
+        raise DataError(f"no such file: {', '.join(missing)}.{found} Pass {kinds} files (or folders holding them).")
     if empty:
         raise DataError(f"no data files in {', '.join(empty)}: no {', '.join(suffixes)} files there or in its "
                         f"subfolders. Put the data files there or name them.")

@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from fledge.data.check import resolve_validator, validate_texts, verdict_ok
-from fledge.data.records import non_finite_problems
+from fledge.data.records import Record, non_finite_problems
 from fledge.errors import DataError
 from fledge.recipe import _build, load_config, option
 
@@ -71,7 +71,8 @@ class SynthSpec:
     count: int = option(1000, "rows to make; all unique", min=1)
     seed: int = option(1, "seed of every draw")
     format: str = option("io", "row shape written", choices=FORMATS)
-    instruction: str = option("", "alpaca: the instruction field; chat: the system message (empty: none)")
+    instruction: str = option("", "alpaca: the instruction field; chat: the system message; io, "
+                                  "prompt_completion, text: the prompt's first paragraph (empty: none)")
     drop_identity: bool = option(True, "replace rows whose input equals their output (nothing to learn)")
     allow_fewer: bool = option(False, "write what can be made when fewer than count unique valid rows exist, "
                                       "instead of failing")
@@ -421,15 +422,8 @@ def _make_row(synth: Synth, t: _Template, index: int) -> dict:
 
 
 def _finish_row(synth: Synth, row: dict) -> dict:
-    spec, prompt, response, metadata = synth.spec, row["_in"], row["_out"], row["metadata"]
-    if spec.format == "alpaca":
-        return {"instruction": spec.instruction, "input": prompt, "output": response, "metadata": metadata}
-    if spec.format == "chat":
-        system = [{"role": "system", "content": spec.instruction}] if spec.instruction else []
-        return {"messages": system + [{"role": "user", "content": prompt},
-                                      {"role": "assistant", "content": response}], "metadata": metadata}
-    if spec.format == "prompt_completion":
-        return {"prompt": prompt, "completion": response, "metadata": metadata}
-    if spec.format == "text":
-        return {"text": f"{prompt}\n{response}" if prompt else response, "metadata": metadata}
-    return {"input": prompt, "output": response, "metadata": metadata}
+    """The row in the spec's format, written by `Record.to_format` like every other writer: the
+    instruction is alpaca's "instruction", chat's system message, and the prompt's first paragraph
+    in the formats without a system role."""
+    record = Record.pair(row["_in"], row["_out"], row["metadata"], system=synth.spec.instruction)
+    return record.to_format(synth.spec.format)

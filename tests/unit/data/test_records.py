@@ -7,42 +7,126 @@ from pathlib import Path
 
 import pytest
 
-from fledge.data.records import (OUTPUT_FORMATS, FieldMap, Record, RowProblem, expand_sources, normalize_row,
-                                 read_records, scan_file)
+from fledge.data.records import (FORMATS, OUTPUT_FORMATS, FieldMap, Record, RowProblem, expand_sources,
+                                 format_problem, normalize_row, read_records, read_row, scan_file)
 from fledge.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[3]
 
-# (row, prompt, response, format): one table drives the detection checks
+U, A, S = "user", "assistant", "system"
+
+
+def chat(*turns: tuple[str, str]) -> list[dict]:
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+# (row, messages, prompt, format): one table drives the detection checks. The prompt is the data
+# tools' text form: one user turn as it is, "system, blank line, user", or "role: content" lines.
 ROWS = [
-    ({"input": "int sol", "output": "sol", "metadata": {"type": "interpretation"}}, "int sol", "sol", "io"),
+    ({"input": "int sol", "output": "sol", "metadata": {"type": "interpretation"}},
+     chat((U, "int sol"), (A, "sol")), "int sol", "io"),
     ({"instruction": "To Cypher", "input": "List all File", "output": "MATCH (n:File) RETURN n"},
-     "To Cypher\n\nList all File", "MATCH (n:File) RETURN n", "alpaca"),
-    ({"instruction": "Say hi", "output": "hi"}, "Say hi", "hi", "alpaca"),
+     chat((U, "To Cypher\n\nList all File"), (A, "MATCH (n:File) RETURN n")), "To Cypher\n\nList all File", "alpaca"),
+    ({"instruction": "Say hi", "output": "hi"}, chat((U, "Say hi"), (A, "hi")), "Say hi", "alpaca"),
+    ({"instruction": "Say hi", "input": None, "output": "hi"}, chat((U, "Say hi"), (A, "hi")), "Say hi", "alpaca"),
     ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                   {"role": "assistant", "content": "Hello."}]}, "system: Be brief.\nuser: Hi?", "Hello.", "chat"),
+                   {"role": "assistant", "content": "Hello.", "name": "bot"}]},
+     chat((S, "Be brief."), (U, "Hi?"), (A, "Hello.")), "Be brief.\n\nHi?", "chat"),
     ([{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "Arianna."}],
-     "user: Who are you?", "Arianna.", "chat"),
-    ({"text": "once upon a time"}, "", "once upon a time", "text"),
-    ({"prompt": "2+2=", "completion": "4"}, "2+2=", "4", "prompt_completion"),
-    ({"input_code": "a -> b", "output_dot": "digraph { a -> b }"}, "a -> b", "digraph { a -> b }", "io"),
-    ({"input_text": "a calls b", "output_dot": "digraph { a -> b }"}, "a calls b", "digraph { a -> b }", "io"),
+     chat((U, "Who are you?"), (A, "Arianna.")), "Who are you?", "chat"),
+    ({"messages": chat((S, "Be brief."), (U, "a"), (A, "b"), (U, "c"), (A, "d"))},
+     chat((S, "Be brief."), (U, "a"), (A, "b"), (U, "c"), (A, "d")),
+     "system: Be brief.\nuser: a\nassistant: b\nuser: c", "chat"),
+    ({"text": "once upon a time"}, chat((A, "once upon a time")), "", "text"),
+    ({"prompt": "2+2=", "completion": "4"}, chat((U, "2+2="), (A, "4")), "2+2=", "prompt_completion"),
+    ({"input_code": "a -> b", "output_dot": "digraph { a -> b }"}, chat((U, "a -> b"), (A, "digraph { a -> b }")),
+     "a -> b", "io"),
+    ({"input_text": "a calls b", "output_dot": "digraph { a -> b }"},
+     chat((U, "a calls b"), (A, "digraph { a -> b }")), "a calls b", "io"),
 ]
 
 
-@pytest.mark.parametrize("row,prompt,response,fmt", ROWS, ids=[r[3] + str(i) for i, r in enumerate(ROWS)])
-def test_each_format_is_detected(row, prompt, response, fmt):
-    got_prompt, got_response, _, got_format = normalize_row(row)
-    assert (got_prompt, got_response, got_format) == (prompt, response, fmt)
+@pytest.mark.parametrize("row,messages,prompt,fmt", ROWS, ids=[r[3] + str(i) for i, r in enumerate(ROWS)])
+def test_each_format_is_detected_and_keeps_its_messages(row, messages, prompt, fmt):
+    got_messages, _, got_format = read_row(row)
+    assert (got_messages, got_format) == (messages, fmt)
+    assert normalize_row(row)[:2] == (prompt, messages[-1]["content"])
+    if fmt != "text" and "output_dot" not in row:   # a forced format reads its own rows the same way
+        assert read_row(row, fmt=fmt)[0] == messages
 
 
-@pytest.mark.parametrize("fmt", [f for f in OUTPUT_FORMATS if f not in ("keep", "text", "alpaca")])
-def test_converting_a_row_keeps_prompt_and_response(fmt):
-    record = Record("int sol", "sol", {"type": "t"}, "x.jsonl", 1, "io", {"input": "int sol", "output": "sol"})
-    prompt, response, _, _ = normalize_row(record.to_format(fmt))
-    assert response == "sol"
-    assert prompt.endswith("int sol")
+@pytest.mark.parametrize("row,messages,prompt,fmt", ROWS, ids=[r[3] + str(i) for i, r in enumerate(ROWS)])
+@pytest.mark.parametrize("to", [f for f in OUTPUT_FORMATS if f != "keep"])
+def test_every_format_writes_what_reads_back(row, messages, prompt, fmt, to):
+    record = Record(messages, {"type": "t"}, "x.jsonl", 1, fmt, row)
+    written = record.to_format(to)
+    assert written["metadata"] == {"type": "t"}
+    back_messages, _, back_format = read_row(written)
+    assert back_format == to
+    back = Record(back_messages, {}, "x", 1, back_format, written)
+    if to == "text":   # a plain completion: prompt and response are one text
+        assert back.response == (f"{record.prompt}\n{record.response}" if record.prompt else record.response)
+        return
+    assert back.response == record.response
+    assert back.prompt == record.prompt   # alpaca: a system message as the instruction reads back as the prompt
+    if to == "chat":
+        assert back_messages == messages
+
+
+def test_alpaca_writes_a_system_message_as_its_instruction():
+    record = Record.pair("List all File", "MATCH (n:File) RETURN n", system="To Cypher")
+    assert record.to_format("alpaca") == {"instruction": "To Cypher", "input": "List all File",
+                                          "output": "MATCH (n:File) RETURN n"}
+    assert Record.pair("Say hi", "hi").to_format("alpaca") == {"instruction": "Say hi", "input": "", "output": "hi"}
+    # the formats without a system role keep it as the prompt's first paragraph
+    assert record.to_format("io") == {"input": "To Cypher\n\nList all File", "output": "MATCH (n:File) RETURN n"}
+
+
+@pytest.mark.parametrize("fmt", ["io", "alpaca", "chat", "prompt_completion", "text"])
+def test_synthesize_writes_rows_through_to_format(fmt):
+    from fledge.data.synthesize import SynthSpec, Synth, _finish_row
+    spec = SynthSpec(format=fmt, instruction="You write Cypher.")
+    synth = Synth.__new__(Synth)
+    synth.spec = spec
+    row = _finish_row(synth, {"_in": "List all File", "_out": "MATCH (n:File) RETURN n", "metadata": {"type": "t"}})
+    expected = Record.pair("List all File", "MATCH (n:File) RETURN n", {"type": "t"},
+                           system="You write Cypher.").to_format(fmt)
+    assert row == expected
+    if fmt == "alpaca":
+        assert (row["instruction"], row["input"]) == ("You write Cypher.", "List all File")
+
+
+def test_forced_format_reads_every_row_as_it_and_names_the_misfits(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+                    '{"input": "c", "output": "d"}\n'
+                    '[{"role": "user", "content": "e"}, {"role": "assistant", "content": "f"}]\n')
+    items = list(scan_file(path, fmt="chat"))
+    assert [type(i).__name__ for i in items] == ["Record", "RowProblem", "Record"]
+    assert str(items[1]) == (f'{path}:2: not a chat row, the format this source is read as: "messages" is missing '
+                             f'(fields: input, output); a chat row is {{"messages": [...]}} or a bare array of '
+                             f'messages. '
+                             f'A chat row is {FORMATS["chat"].shape}')
+    io = list(scan_file(path, fmt="io"))
+    assert [type(i).__name__ for i in io] == ["RowProblem", "Record", "RowProblem"]
+    assert io[0].message.startswith('not an io row, the format this source is read as: "input" and "output" are '
+                                    'missing (fields: messages)')
+    assert io[2].message.startswith("not an io row, the format this source is read as: a row is a "
+                                    '{"input", "output"} object, not an array')
+
+
+def test_forced_format_with_a_field_map(tmp_path):
+    path = tmp_path / "dot.jsonl"
+    path.write_text('{"input_code": "a", "output_dot": "digraph {}"}\n{"input": "b", "output": "c"}\n')
+    items = list(scan_file(path, FieldMap("input_code", "output_dot"), fmt="io"))
+    assert (items[0].messages, items[0].format) == (chat((U, "a"), (A, "digraph {}")), "mapped")
+    assert items[1].message.startswith('not an io row, the format this source is read as: "input_code" and '
+                                       '"output_dot" are missing (fields: input, output)')
+    assert format_problem("chat", FieldMap("q", "a")).startswith("a field map (input_field 'q', output_field 'a') "
+                                                                 "names the two fields of a pair")
+    with pytest.raises(ValueError, match="applies to formats auto, io and prompt_completion, not text"):
+        list(scan_file(path, FieldMap("q", "a"), fmt="text"))
 
 
 def test_unknown_row_names_its_fields_and_the_mapping_flags(tmp_path):
@@ -134,7 +218,7 @@ def test_read_records_stops_at_the_first_bad_row_with_the_fix(tmp_path):
 
 
 def test_get_reads_dotted_paths_metadata_and_the_source_file():
-    record = Record("p", "r", {"type": "completion"}, "a.jsonl", 3, "io",
+    record = Record(chat((U, "p"), (A, "r")), {"type": "completion"}, "a.jsonl", 3, "io",
                     {"input": "p", "output": "r", "metadata": {"type": "completion"}})
     assert record.get("metadata.type") == "completion"
     assert record.get("type") == "completion"
@@ -144,8 +228,8 @@ def test_get_reads_dotted_paths_metadata_and_the_source_file():
 
 def test_repeats_input_per_format():
     def rec(row):
-        prompt, response, metadata, fmt = normalize_row(row)
-        return Record(prompt, response, metadata, "x", 1, fmt, row)
+        messages, metadata, fmt = read_row(row)
+        return Record(messages, metadata, "x", 1, fmt, row)
     assert rec({"input": "a b", "output": " a b"}).repeats_input
     assert rec({"instruction": "copy", "input": "a", "output": "a"}).repeats_input
     assert rec([{"role": "user", "content": "a"}, {"role": "assistant", "content": "a"}]).repeats_input
@@ -166,19 +250,86 @@ def test_folders_expand_to_their_data_files_sorted(tmp_path):
     assert [p.name for p in expand_sources([tmp_path])] == ["a.csv", "b.jsonl", "c.json"]
 
 
-@pytest.mark.parametrize("relative,count,formats", [
-    ("arianna/arianna_conversations.jsonl", 171, {"chat"}),
-    ("nornicdb/cypher_training_count1000_seed42.jsonl", 885, {"alpaca"}),
-    ("nornicdb/tlp_chat.jsonl", 2, {"chat"}),
-    ("nornicdb/tlp_evaluation.jsonl", 5, {"alpaca"}),
+@pytest.mark.parametrize("relative,count,formats,empty", [
+    ("arianna/arianna_conversations.jsonl", 171, {"chat"}, 0),
+    ("nornicdb/cypher_training_count1000_seed42.jsonl", 885, {"alpaca"}, 0),
+    ("nornicdb/tlp_chat.jsonl", 2, {"chat"}, 0),
+    ("nornicdb/tlp_evaluation.jsonl", 5, {"alpaca"}, 0),
+    ("dot/smcat_pairs.json", 162, {"io"}, 0),
+    ("limn/limn_train_first3000.jsonl", 2995, {"io"}, 5),   # 5 real rows with an empty output
 ])
-def test_real_files_read_without_problems(relative, count, formats):
+def test_real_files_read_without_problems(relative, count, formats, empty):
     path = SHARED / relative
     if not path.exists():
         pytest.skip(f"{path} is absent: the real-data tests need ../shared/data beside the repository")
     items = list(scan_file(path))
-    assert all(isinstance(i, Record) for i in items)
-    assert len(items) == count and {i.format for i in items} == formats
+    records = [i for i in items if isinstance(i, Record)]
+    problems = [i for i in items if isinstance(i, RowProblem)]
+    assert len(records) == count and {i.format for i in records} == formats
+    assert [p.message for p in problems] == ["the output is empty, so there is nothing to learn"] * empty
+
+
+def test_real_dot_pairs_read_with_a_field_map_and_a_forced_format():
+    path = SHARED / "dot/smcat_pairs.json"
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the real-data tests need ../shared/data beside the repository")
+    items = list(scan_file(path, FieldMap("input_code", "output_dot"), fmt="io"))
+    assert len(items) == 162 and {i.format for i in items} == {"mapped"}
+    assert items[0].messages[1]["content"].startswith("digraph")
+
+
+# --- Parquet ----------------------------------------------------------------------------------
+
+def write_parquet(path: Path, columns: dict, row_group_size: int = 2) -> Path:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+def test_parquet_rows_read_like_json_rows_numbered_from_one(tmp_path):
+    messages = [chat((U, "hi"), (A, "yo")), chat((S, "Be brief."), (U, "a"), (A, "b")), chat((U, "c"), (A, "d"))]
+    path = write_parquet(tmp_path / "chat.parquet", {"messages": messages, "metadata": [{"type": "x"}] * 3})
+    items = list(scan_file(path))
+    assert [(i.line, i.messages, i.format, i.get("type")) for i in items] == [
+        (n, m, "chat", "x") for n, m in enumerate(messages, 1)]
+    pairs = write_parquet(tmp_path / "pairs.parquet", {"input_code": ["a", "b", "c"], "output_dot": ["x", "", "z"]})
+    items = list(scan_file(pairs, FieldMap("input_code", "output_dot"), fmt="io"))
+    assert [type(i).__name__ for i in items] == ["Record", "RowProblem", "Record"]
+    assert str(items[1]) == f"{pairs}:2: the output is empty, so there is nothing to learn"
+
+
+def test_parquet_values_a_json_row_cannot_hold_are_bad_rows(tmp_path):
+    import datetime
+    path = write_parquet(tmp_path / "odd.parquet", {
+        "input": ["a", "b", "c", "d"], "output": ["w", "x", "y", "z"],
+        "score": [1.0, float("nan"), 2.0, 3.0],
+        "when": [None, None, datetime.datetime(2024, 1, 1), None]})
+    items = list(scan_file(path))
+    assert [type(i).__name__ for i in items] == ["Record", "RowProblem", "RowProblem", "Record"]
+    assert items[1].message.startswith("column 'score' holds nan (pandas writes NaN for a missing number)")
+    assert items[2].message.startswith("column 'when' holds a datetime value, which a row cannot hold")
+
+
+def test_parquet_without_pyarrow_names_the_install(tmp_path, monkeypatch):
+    import sys
+    from fledge.errors import DependencyError
+    path = tmp_path / "rows.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DependencyError, match=r"rows\.parquet: reading \.parquet files needs pyarrow\. Install it: "
+                                              r"pip install pyarrow"):
+        list(scan_file(path))
+
+
+def test_a_file_that_is_not_parquet_is_one_error(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "rows.parquet"
+    path.write_text('{"input": "a", "output": "b"}\n')
+    with pytest.raises(DataError, match=r"rows\.parquet: not a readable Parquet file \(.*\)\. Check the file, or "
+                                        r"convert it to \.jsonl"):
+        list(scan_file(path))
 
 
 def _loaders() -> dict:
