@@ -2,7 +2,7 @@
 
     fledge quickstart                      # train a small model on Python's own source, no data needed
     fledge prepare RECIPE [--set k=v]      # corpus -> tokenizer -> token shards
-    fledge train RECIPE [--resume]         # prepare if needed, then train (torchrun for several processes)
+    fledge train RECIPE [--resume]         # prepare (reusing what is unchanged), then train (torchrun: N processes)
     fledge sample RUN --prompt "..."       # generate from a run's best checkpoint
     fledge env                             # devices, precision, threads, versions, matmul peak
     fledge recipe keys | check RECIPE      # every recipe key with its default and help; validate a recipe
@@ -193,8 +193,10 @@ def _prepare(args) -> int:
 
 def _train(args) -> int:
     from fledge.recipe import load_recipe
-    from fledge.train import train
-    result = train(load_recipe(args.recipe, args.overrides), resume=args.resume, progress=not args.quiet)
+    from fledge.train import prepare_data, train
+    recipe = load_recipe(args.recipe, args.overrides)
+    prepare_data(recipe, progress=not args.quiet)
+    result = train(recipe, resume=args.resume, progress=not args.quiet)
     return 130 if result.interrupted else 0
 
 

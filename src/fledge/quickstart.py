@@ -83,6 +83,7 @@ def new_run_dir(root: Path = Path("runs"), name: str = "quickstart") -> Path:
 
 def quickstart(steps: int | None = None, corpus_mb: float | None = None, run_dir: str | Path | None = None,
                progress: bool = True):
+    from fledge.prepare import prepare
     from fledge.train import train
     run = Path(run_dir) if run_dir else new_run_dir()
     docs = write_corpus(run / "corpus.jsonl", int((corpus_mb or 3.0) * 1_000_000))
@@ -90,6 +91,7 @@ def quickstart(steps: int | None = None, corpus_mb: float | None = None, run_dir
     print(f"fledge quickstart: {docs} files of Python's standard library -> {run}/corpus.jsonl")
     print(f"training a {recipe.model.n_layers}-layer, {recipe.model.dim}-wide model for {recipe.train.max_steps} "
           f"steps; Ctrl-C stops and saves a checkpoint.")
+    prepare(recipe, progress=progress)
     result = train(recipe, progress=progress)
     print(f"\ndone. The run is in {run}/ (recipe.yaml, metrics.jsonl, checkpoints/).\nNext:\n"
           f"  fledge sample {run} --prompt 'def parse(' --num-samples 2\n"

@@ -1,5 +1,6 @@
 """The real CLI, as a user runs it: one-line errors with a non-zero exit for bad input, and a
-tiny corpus taken through prepare -> train -> sample -> resume."""
+tiny corpus taken through prepare -> train (which prepares first, and ends with a summary) ->
+sample -> resume."""
 
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ def test_prepare_train_sample_resume_and_foreign_checkpoint(tmp_path):
     proc = fledge("train", "recipe.yaml", "--quiet", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "step 6/6" in proc.stdout and "eval step 6" in proc.stdout
+    assert "summary: 6 steps, 192 tokens | train loss " in proc.stdout      # 6 x batch 2 x block 16
+    assert "(L2 norm since step 0)" in proc.stdout
     run = tmp_path / "runs" / "t"
     assert (run / "recipe.yaml").is_file() and (run / "metrics.jsonl").is_file()
     assert (run / "checkpoints" / "step-000006" / "model.safetensors").is_file()
@@ -104,6 +107,7 @@ def test_prepare_train_sample_resume_and_foreign_checkpoint(tmp_path):
                     cwd=tmp_path)
     assert longer.returncode == 0, longer.stderr
     assert "resuming at step 6" in longer.stdout and "step 9/9" in longer.stdout
+    assert "summary: 9 steps" in longer.stdout and "(L2 norm since step 6)" in longer.stdout
     assert "train.max_steps: checkpoint 6, recipe 9" in longer.stdout
 
     refused = fledge("train", "recipe.yaml", "--resume", *args, "--set", "model.dim=32", cwd=tmp_path)

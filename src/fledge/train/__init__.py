@@ -1,10 +1,12 @@
-"""Training: one loop for every mode (`loop.py`), checkpoints, schedule, batches, DDP.
+"""Training: one loop for every mode (`loop.py`), its steps (`steps.py`), checkpoints, schedule,
+batch sources (`batches.py`, `data.py`), the end-of-run summary, DDP.
 
-`from fledge.train import train` is the entry point; it is imported lazily so that the
-submodules (batches, checkpoints) load without the loop and its imports.
+`from fledge.train import train` is the entry point (`prepare_data` runs the corpus stage
+first, as `fledge train` does); both are imported lazily so that the submodules (batches,
+checkpoints) load without the loop and its imports.
 """
 
-__all__ = ["train", "TrainResult"]
+__all__ = ["train", "prepare_data", "TrainResult"]
 
 
 def __getattr__(name: str):

@@ -4,13 +4,18 @@
         model.safetensors   weights; of tensors that share memory (tied weights, whatever their
                             names) only the first is stored, and the metadata key "fledge.aliases"
                             maps each omitted name to it (transformers re-ties the llama head itself)
-        config.json         a transformers LlamaConfig (llama arch): LlamaForCausalLM loads the folder
+        config.json         a transformers config (fledge's llama arch: LlamaForCausalLM loads the folder),
+                            written by `write_transformers_files` when the model has one
         optimizer.pt        optimizer state (tensors and numbers only: loads with weights_only=True)
         rng.pt              torch RNG states (dropout) of the saving process
-        state.json          step, losses, best-so-far, the tokenizer's sha256, checkpoint format
+        state.json          a `TrainingState`: step, losses, best-so-far, the tokenizer's sha256, format
         recipe.yaml         the resolved recipe of the run
         tokenizer.json | tokenizer.model
         integrity.json      size and sha256 of every other file; written last
+
+The caller decides what the weights are (`save_checkpoint(weights=...)`: a whole model's
+tensors, or only an adapter's) and may add files through `extra_files(folder)`; every file
+in the folder is listed in integrity.json.
 
 A checkpoint is written to a hidden `.step-000400.tmp` folder, marked as fledge's by a
 `.fledge-partial` file, and renamed when complete, so a kill at any moment leaves the
@@ -40,8 +45,9 @@ import os
 import re
 import shutil
 import sys
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import safetensors.torch
 import torch
@@ -62,6 +68,53 @@ KNOWN_FILES = {*REQUIRED, *TOKENIZER_FILES, "config.json", INTEGRITY, PARTIAL}
 WRITE_TEMP = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]+\.tmp$")   # fledge.files.temp_path names
 
 _noted: set[str] = set()
+
+
+@dataclass
+class TrainingState:
+    """What a run knows besides its weights, optimizer and RNG: state.json of every checkpoint.
+
+    Every field has a default, so the state.json of an older checkpoint (format 1 or 2, a plain
+    dict without the newer fields) loads; keys this fledge does not know are ignored."""
+    step: int = 0                               # optimizer steps done
+    val_loss: float | None = None               # of the latest evaluation
+    best_val_loss: float | None = None          # the lowest so far; its checkpoint is never pruned
+    best_step: int | None = None
+    first_val_loss: float | None = None         # before the first step of the run (step 0)
+    first_train_loss: float | None = None       # of step 1
+    train_loss: float | None = None             # of the latest step whose loss was logged
+    evals_without_improvement: int = 0          # in a row, for train.early_stop_patience
+    elapsed_s: float = 0.0                      # training time of the run so far, in seconds
+    vocab_size: int | None = None
+    tokenizer_sha256: str | None = None
+    format: int = FORMAT                        # of the checkpoint that holds it (1: before "format" existed)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainingState:
+        """The state a state.json holds; ValueError naming the first field of the wrong type."""
+        if not isinstance(data, dict):
+            raise ValueError("state.json is not a JSON object")
+        known = {f.name: f for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("format", 1)
+        for name, value in values.items():
+            kinds = _STATE_TYPES[name]
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"state.json {name} is {value!r}")
+        if "step" not in values:
+            raise ValueError("state.json has no step")
+        return cls(**values)
+
+
+_NUMBER = (int, float)
+_STATE_TYPES = {"step": (int,), "val_loss": (*_NUMBER, type(None)), "best_val_loss": (*_NUMBER, type(None)),
+                "best_step": (int, type(None)), "first_val_loss": (*_NUMBER, type(None)),
+                "first_train_loss": (*_NUMBER, type(None)), "train_loss": (*_NUMBER, type(None)),
+                "evals_without_improvement": (int,), "elapsed_s": _NUMBER, "vocab_size": (int, type(None)),
+                "tokenizer_sha256": (str, type(None)), "format": (int,)}
 
 
 def checkpoint_name(step: int) -> str:
@@ -284,14 +337,28 @@ def write_weights(tensors: dict[str, torch.Tensor], path: Path, aliases: dict[st
     write_atomic(path, safetensors.torch.save(tensors, metadata=metadata))
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, recipe_yaml: str, tokenizer_file: Path, hf_config: dict | None,
-                    keep_last: int) -> Path:
-    """Write checkpoint `step`; on a full disk raise StorageError with the earlier ones untouched."""
+def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor] | torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, state: TrainingState | dict, recipe_yaml: str,
+                    tokenizer_file: Path, hf_config: dict | None = None, keep_last: int = 2, *,
+                    aliases: dict[str, str] | None = None,
+                    extra_files: Callable[[Path], object] | None = None) -> Path:
+    """Write checkpoint `step`; on a full disk raise StorageError with the earlier ones untouched.
+
+    weights: the tensors model.safetensors holds, as the caller chose them (a whole model's
+    `weights_to_save`, or only an adapter's), with `aliases` {left-out name: stored name} for
+    tensors that share memory; a module stands for its `weights_to_save`. hf_config: the
+    transformers config.json of the model, or None. extra_files(folder) writes further files
+    into the unfinished checkpoint folder (transformers tokenizer files and chat template, an
+    adapter's config); they are listed in integrity.json like the rest. state: a TrainingState
+    (a dict is read as one)."""
     root = Path(run_dir) / "checkpoints"
     final = root / checkpoint_name(step)
-    state = {**state, "format": FORMAT}
-    tensors, aliases = weights_to_save(model)
+    state = TrainingState.from_json({"format": FORMAT, **state}) if isinstance(state, dict) else state
+    state = TrainingState(**{**state.to_json(), "format": FORMAT})
+    if isinstance(weights, torch.nn.Module):
+        tensors, aliases = weights_to_save(weights)
+    else:
+        tensors, aliases = weights, aliases or {}
     _refuse_non_finite(final, state, tensors)
     tmp = root / f".{final.name}.tmp"
     created = False
@@ -305,7 +372,11 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         except OSError as e:
             raise storage_error(e, tmp) from None
         write_weights(tensors, tmp / WEIGHTS, aliases)
-        _write_rest(tmp, optimizer, state, recipe_yaml, Path(tokenizer_file), hf_config)
+        if hf_config is not None:
+            write_transformers_files(tmp, hf_config=hf_config, tokenizer=None, template=None)
+        if extra_files is not None:
+            extra_files(tmp)
+        _write_rest(tmp, optimizer, state, recipe_yaml, Path(tokenizer_file))
         _swap_in(tmp, final)
     except (StorageError, OSError) as e:
         if created:
@@ -325,9 +396,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     return final
 
 
-def _refuse_non_finite(final: Path, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+def _refuse_non_finite(final: Path, state: TrainingState, tensors: dict[str, torch.Tensor]) -> None:
     for key in ("val_loss", "best_val_loss"):
-        value = state.get(key)
+        value = getattr(state, key)
         if value is not None and not math.isfinite(value):
             raise CheckpointError(f"refusing to save {final}: state {key} is {value}. The run diverged; lower "
                                   f"train.lr and resume from an earlier checkpoint.")
@@ -337,17 +408,29 @@ def _refuse_non_finite(final: Path, state: dict, tensors: dict[str, torch.Tensor
                                   f"run diverged; lower train.lr and resume from an earlier checkpoint.")
 
 
-def _write_rest(tmp: Path, optimizer, state: dict, recipe_yaml: str, tokenizer_file: Path,
-                hf_config: dict | None) -> None:
-    """Everything but the weights, then the integrity record of it all, then drop the marker."""
+def write_transformers_files(folder: Path, *, hf_config: dict | None, tokenizer, template) -> list[Path]:
+    """The files transformers reads beside the weights: config.json from `hf_config` (when not
+    None), and with a transformers `tokenizer` and a chat `template` both, tokenizer_config.json
+    and chat_template.jinja (`fledge.templates.save_tokenizer_files`). Returns the paths written.
+    The same signature as `fledge.export.hf.write_transformers_files`, for pretraining checkpoints."""
+    folder = Path(folder)
+    written = []
     if hf_config is not None:
-        write_atomic(tmp / "config.json", json.dumps(hf_config, indent=2))
+        written.append(write_atomic(folder / "config.json", json.dumps(hf_config, indent=2)))
+    if tokenizer is not None and template is not None:
+        from fledge.templates import save_tokenizer_files
+        written += save_tokenizer_files(folder, tokenizer, template)
+    return written
+
+
+def _write_rest(tmp: Path, optimizer, state: TrainingState, recipe_yaml: str, tokenizer_file: Path) -> None:
+    """Everything but the weights and extra files, then the integrity record of it all, then drop the marker."""
     write_atomic(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     write_atomic(tmp / "rng.pt", _torch_bytes(rng))
-    write_atomic(tmp / "state.json", json.dumps(state, indent=2))
+    write_atomic(tmp / "state.json", json.dumps(state.to_json(), indent=2))
     write_atomic(tmp / "recipe.yaml", recipe_yaml)
     try:
         tokenizer = tokenizer_file.read_bytes()
@@ -431,9 +514,9 @@ def remove_partial_saves(run_dir: Path) -> list[Path]:
     return removed
 
 
-def _update_best_marker(root: Path, state: dict) -> None:
+def _update_best_marker(root: Path, state: TrainingState) -> None:
     """Point best.json at the state's best step when that checkpoint exists and it points elsewhere."""
-    step, val = state.get("best_step"), state.get("best_val_loss")
+    step, val = state.best_step, state.best_val_loss
     if step is None or val is None or not math.isfinite(val) or not (root / checkpoint_name(step)).is_dir():
         return
     marker = root / "best.json"
@@ -513,7 +596,7 @@ def _decode_weights(checkpoint: Path, data: bytes) -> tuple[dict[str, torch.Tens
     return tensors, aliases
 
 
-def load_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer) -> dict:
+def load_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer) -> TrainingState:
     """Restore the optimizer and torch's RNG states and return state.json, all checked first:
     nothing is restored unless every file read is intact."""
     checkpoint = Path(checkpoint)
@@ -527,8 +610,10 @@ def load_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer) -> d
         state = json.loads(data)
     except (ValueError, RecursionError) as e:
         raise _damaged(checkpoint, f"state.json is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise _damaged(checkpoint, "state.json has no step")
+    try:
+        state = TrainingState.from_json(state)
+    except ValueError as e:
+        raise _damaged(checkpoint, str(e)) from None
     if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor):
         raise _damaged(checkpoint, "rng.pt holds no CPU RNG state")
     try:

@@ -1,51 +1,62 @@
 """One training loop for every mode.
 
+    from fledge.prepare import prepare
     from fledge.recipe import load_recipe
     from fledge.train import train
-    result = train(load_recipe("recipes/shakespeare-char.yaml"), resume=False)
+    recipe = load_recipe("recipes/shakespeare-char.yaml")
+    prepare(recipe)                               # the corpus stage: tokenizer and token shards
+    result = train(recipe, resume=False)          # or train(recipe, source=my_batch_source)
 
-`fledge train RECIPE [--resume]` calls this. It prepares the corpus if needed (reusing
-shards and tokenizer when nothing changed), builds the model from the registry, and runs
-AdamW with warmup + cosine decay and gradient accumulation, evaluating on fixed
-validation windows, sampling fixed prompts, and checkpointing atomically. Under `torchrun`
-it runs data-parallel: each process takes its slice of every global batch, only rank 0
-logs and writes.
+`fledge train RECIPE [--resume]` runs `prepare_data` (the corpus stage, reusing shards and
+tokenizer when nothing changed) and then `train`. `train` reads the prepared folder as it
+is, and without one says to run `fledge prepare RECIPE`. Batches come from a `BatchSource`
+(fledge.train.batches): by default the random windows of the prepared shards
+(`WindowBatches`). It builds the model from the registry and runs AdamW with warmup +
+cosine decay and gradient accumulation, the loss normalised per target token
+(fledge.train.steps), evaluating on fixed validation batches, sampling fixed prompts, and
+checkpointing atomically. Under `torchrun` it runs data-parallel: each process takes its
+slice of every global batch, only rank 0 logs and writes.
 
 A step is one unit: it is applied, counted, logged, evaluated and saved together. Ctrl-C
 asks the loop to stop after the step in flight, which then saves a checkpoint and returns
 (a second Ctrl-C stops at once and loses that step). A NaN or infinite loss, gradient norm
 or validation loss stops the run with `TrainingDiverged` before that update is applied or
-anything is saved. Resuming restores weights, optimizer and RNG states last, and nothing
-after that draws from the global RNG, so a resumed run repeats the uninterrupted one bit
-for bit, dropout included.
+anything is saved. Trainable parameters that did not train in the first step stop it with
+`LearningError` (fledge.train.summary). `train.early_stop_patience` evaluations in a row
+without improvement stop it early; the best checkpoint is kept. Resuming restores weights,
+optimizer and RNG states last, and nothing after that draws from the global RNG, so a
+resumed run repeats the uninterrupted one bit for bit, dropout included. Every run ends
+with a summary line: losses at start and end, trainable share, weight change, steps, tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from fledge.env import matmul_peak, pick_precision, set_threads
-from fledge.errors import CheckpointError, FledgeError
-from fledge.evaluate.loss import evaluate_loss
+from fledge.errors import CheckpointError, RecipeError
+from fledge.evaluate.loss import evaluate_loss, takes_reduction
 from fledge.recipe import Recipe
 from fledge.train import checkpoint as ckpt
-from fledge.train.data import TokenStream, eval_starts, global_batch_starts, micro_batch, rank_slice
+from fledge.train.batches import BatchSource
+from fledge.train.checkpoint import TrainingState, write_transformers_files
+from fledge.train.data import WindowBatches
 from fledge.train.distributed import Distributed
 from fledge.train.report import Reporter
 from fledge.train.schedule import learning_rate
-
-
-class TrainingDiverged(FledgeError):
-    """The loss, the gradient norm or the validation loss became NaN or infinite."""
+from fledge.train.steps import TrainingDiverged, divergence_advice, sum_over_processes, train_step
+from fledge.train.summary import LearningError, WeightWatch, learning_verdict, parameter_counts, summary_text
 
 
 @dataclass
@@ -58,6 +69,7 @@ class TrainResult:
     last_checkpoint: Path | None
     interrupted: bool = False
     first_val_loss: float | None = None
+    stopped_early: bool = False         # train.early_stop_patience ended the run before max_steps
 
 
 @dataclass
@@ -68,16 +80,37 @@ class Setup:
     optimizer: torch.optim.Optimizer
     tokenizer: object
     tokenizer_file: Path
-    train_stream: TokenStream
-    val_stream: TokenStream
-    state: dict
+    source: BatchSource
+    state: TrainingState
+    hf_config: dict | None          # transformers' config.json of the model; None: it has none
+    keyword_forward: bool           # forward meets the keyword contract (reduction="sum"); else (idx, targets)
+    watch: WeightWatch | None = None
     notes: list[str] = field(default_factory=list)    # said once the run's first line is out
 
 
-def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainResult:
+def prepare_data(recipe: Recipe, progress: bool = True) -> None:
+    """The corpus stage `fledge train` runs before `train`: `fledge.prepare.prepare`, which reuses
+    tokenizer and shards when nothing changed. Under torchrun only the main process prepares;
+    the others wait for it."""
     dist = Distributed.from_environment(recipe.train.device)
     try:
-        result = _train(recipe, resume, progress, dist)
+        dist.run_on_main(_prepare, recipe, progress)
+    except BaseException:
+        dist.close(clean=False)
+        raise
+
+
+def _prepare(recipe: Recipe, progress: bool) -> None:
+    from fledge.prepare import prepare
+    prepare(recipe, progress=progress)
+
+
+def train(recipe: Recipe, resume: bool = False, progress: bool = True,
+          source: BatchSource | None = None) -> TrainResult:
+    """Train `recipe` on `source`, by default the windows of its prepared data (`fledge prepare`)."""
+    dist = Distributed.from_environment(recipe.train.device)
+    try:
+        result = _train(recipe, resume, progress, dist, source)
     except BaseException:
         dist.close(clean=False)
         raise
@@ -85,42 +118,74 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> TrainR
     return result
 
 
-def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed) -> TrainResult:
-    t = recipe.train
-    run_dir = recipe.run_path
-    torch.manual_seed(t.seed)
-    threads = set_threads(t.threads, dist.local_world) if dist.device.type == "cpu" else None
-    precision = pick_precision(t.precision, dist.device)
+def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed, source: BatchSource | None) -> TrainResult:
+    torch.manual_seed(recipe.train.seed)
+    threads = set_threads(recipe.train.threads, dist.local_world) if dist.device.type == "cpu" else None
+    precision = pick_precision(recipe.train.precision, dist.device)
+    manifest = _load_manifest(recipe)
+    if source is None:
+        source = WindowBatches.from_prepared(recipe.prepared_path, recipe.train)
+    recipe, epochs_note = _with_epochs(recipe, source, dist.world)
+    t, run_dir = recipe.train, recipe.run_path
     start_from = dist.run_on_main(_choose_start, run_dir, resume, recipe)
-    dist.run_on_main(_prepare_data, recipe, progress)
-    s = _build(recipe, dist)
+    s = _build(recipe, dist, manifest, source)
+    s.notes += [epochs_note] if epochs_note else []
     peak = _peak_flops(s, precision, dist) if dist.is_main else None
     if start_from:
         _restore(s, Path(start_from))      # RNG states included: nothing below draws from the global RNG
     _wrap(s, t, dist)
+    start_step = s.state.step
+    s.watch = WeightWatch(s.raw_model, first_step=start_step == 0, keep_start=dist.is_main)
     if dist.is_main:
         recipe.save(run_dir / "recipe.yaml")
-    report = Reporter(run_dir, t.max_steps, s.state["step"], dist.is_main, progress, t.tensorboard)
+    report = Reporter(run_dir, t.max_steps, start_step, dist.is_main, progress, t.tensorboard)
     try:
         _announce(s, recipe, dist, precision, threads, report)
-        step, interrupted = _run(s, recipe, precision, dist, report, peak, resumed=bool(start_from))
+        step, ended = _run(s, recipe, precision, dist, report, peak, resumed=bool(start_from))
+        _summarize(s, recipe, dist, report, start_step, verdict=ended != "interrupted")
     finally:
         report.close()
-    result = TrainResult(run_dir, step, s.state.get("val_loss"), s.state.get("best_val_loss"),
-                         ckpt.best_checkpoint(run_dir, verify=False), ckpt.latest_checkpoint(run_dir, verify=False),
-                         interrupted, s.state.get("first_val_loss"))
-    if not interrupted:
-        _say_whether_it_learned(result, report)
-    return result
+    st = s.state
+    return TrainResult(run_dir, step, st.val_loss, st.best_val_loss, ckpt.best_checkpoint(run_dir, verify=False),
+                       ckpt.latest_checkpoint(run_dir, verify=False), ended == "interrupted", st.first_val_loss,
+                       ended == "stopped early")
+
+
+def _load_manifest(recipe: Recipe) -> dict:
+    """The prepared folder's manifest; one line naming the folder and `fledge prepare` when it is missing."""
+    from fledge.prepare import load_manifest
+    return load_manifest(recipe.prepared_path)
+
+
+def _with_epochs(recipe: Recipe, source: BatchSource, world: int) -> tuple[Recipe, str | None]:
+    """The recipe with train.max_steps = ceil(epochs x the source's steps per epoch) when
+    train.epochs is above 0, and a note saying so."""
+    t = recipe.train
+    if not t.epochs:
+        return recipe, None
+    per_epoch = getattr(source, "steps_per_epoch", None)
+    if per_epoch is None:
+        raise RecipeError(f"train.epochs ({t.epochs:g}) counts passes over the training rows, and this batch "
+                          f"source ({source.describe()}) does not say how many steps a pass takes. Set "
+                          f"train.epochs to 0 and use train.max_steps.")
+    n = per_epoch(world, t.batch_size, t.grad_accum)
+    max_steps = max(1, math.ceil(round(t.epochs * n, 6)))
+    if t.warmup_steps > max_steps:
+        raise RecipeError(f"train.warmup_steps ({t.warmup_steps}) exceeds the {max_steps} steps train.epochs gives "
+                          f"({t.epochs:g} x {n} steps per epoch). Lower warmup_steps or raise epochs.")
+    resolved = dataclasses.replace(recipe, train=dataclasses.replace(t, max_steps=max_steps))
+    resolved.given = recipe.given
+    ignored = f"; train.max_steps {t.max_steps} is ignored" if "train.max_steps" in recipe.given else ""
+    return resolved, f"train.epochs {t.epochs:g} x {n} steps per epoch = {max_steps} steps{ignored}"
 
 
 def _announce(s: Setup, recipe: Recipe, dist: Distributed, precision, threads: int | None, report) -> None:
     model = s.raw_model
     n_params = model.num_parameters() if hasattr(model, "num_parameters") else \
         sum(p.numel() for p in model.parameters())
-    step = s.state["step"]
-    report.say(f"run {recipe.run_path} | {n_params / 1e6:.2f}M parameters | {s.train_stream.n_tokens:,} train "
-               f"tokens | device {dist.device} x{dist.world} | {precision.name}"
+    step = s.state.step
+    report.say(f"run {recipe.run_path} | {n_params / 1e6:.2f}M parameters | {s.source.describe()} "
+               f"| device {dist.device} x{dist.world} | {precision.name}"
                + (f" | {threads} threads" if threads else "")
                + (f" | resuming at step {step}" if step else ""))
     for note in s.notes:
@@ -128,19 +193,19 @@ def _announce(s: Setup, recipe: Recipe, dist: Distributed, precision, threads: i
 
 
 def _run(s: Setup, recipe: Recipe, precision, dist: Distributed, report: Reporter, peak: float | None,
-         resumed: bool) -> tuple[int, bool]:
-    """Steps from the state's step to train.max_steps. Returns (the step reached, whether interrupted)."""
-    t = recipe.train
-    step = s.state["step"]
-    train_windows = t.batch_size * t.grad_accum * dist.world
-    tokens_per_step = train_windows * t.block_size
-    val_windows = eval_starts(s.val_stream, t.block_size, t.eval_batches * t.batch_size)
+         resumed: bool) -> tuple[int, str]:
+    """Steps from the state's step to train.max_steps. Returns the step reached and how the run
+    ended: "finished", "stopped early" or "interrupted"."""
+    t, st = recipe.train, s.state
+    step = st.step
     scaler = torch.amp.GradScaler(dist.device.type) if precision.needs_scaler else None
     last_saved = step if resumed else None
-    if step == 0 and s.state.get("first_val_loss") is None:
-        s.state["first_val_loss"] = _evaluate(s, recipe, val_windows, precision, dist, report, 0, sample=False)
-    window_seconds, window_steps = 0.0, 0      # time spent in training steps since the last log line
-    started = time.perf_counter() - s.state.get("elapsed_s", 0.0)
+    if _stopped_before(st, t, report):
+        return step, "stopped early"
+    if step == 0 and st.first_val_loss is None:
+        st.first_val_loss = _evaluate(s, recipe, precision, dist, report, 0, sample=False)
+    timing = _Timing()
+    started = time.perf_counter() - st.elapsed_s
     working = None          # the step in flight, from its first micro-batch until it is evaluated and saved
     with _StopRequests(dist) as stop:
         try:
@@ -150,28 +215,71 @@ def _run(s: Setup, recipe: Recipe, precision, dist: Distributed, report: Reporte
                 for group in s.optimizer.param_groups:
                     group["lr"] = lr
                 step_start = time.perf_counter()
-                starts = global_batch_starts(step, t.seed, train_windows, s.train_stream.n_tokens, t.block_size)
-                loss = _train_step(s, recipe, working, starts, precision, dist, scaler)
-                window_seconds += time.perf_counter() - step_start
+                loss = train_step(s, recipe, step, precision, dist, scaler)
+                timing.add(time.perf_counter() - step_start)
                 step += 1
-                window_steps += 1
-                s.state["step"] = step
-                if step % t.log_every == 0 or step == t.max_steps:
-                    per_step = window_seconds / window_steps
-                    tokens_per_s = tokens_per_step / per_step
-                    mfu = s.raw_model.flops_per_token(t.block_size) * tokens_per_s / (peak * dist.world) \
-                        if peak else None
-                    report.step(step, dist.mean(loss), lr, tokens_per_s, mfu, time.perf_counter() - started,
-                                per_step * (t.max_steps - step))
-                    window_seconds, window_steps = 0.0, 0
-                if _evaluate_and_checkpoint(s, recipe, step, val_windows, precision, dist, report, started):
+                st.step = step
+                _log_step(s, recipe, step, loss, lr, dist, report, peak, timing, started)
+                saved, stopping = _evaluate_and_checkpoint(s, recipe, step, precision, dist, report, started)
+                if saved:
                     last_saved = step
                 working = None
+                if stopping:
+                    return step, "stopped early"
                 stop.check()        # the one place a Ctrl-C takes effect: between whole steps
         except KeyboardInterrupt:
             _stop_on_interrupt(s, recipe, step, working, last_saved, dist, report, started)
-            return step, True
-    return step, False
+            return step, "interrupted"
+    return step, "finished"
+
+
+class _Timing:
+    """Seconds spent in training steps since the last log line."""
+
+    def __init__(self):
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.steps += 1
+
+    def per_step(self) -> float:
+        per_step = self.seconds / self.steps
+        self.seconds, self.steps = 0.0, 0
+        return per_step
+
+
+def _log_step(s: Setup, recipe: Recipe, step: int, loss: torch.Tensor, lr: float, dist: Distributed,
+              report: Reporter, peak: float | None, timing: _Timing, started: float) -> None:
+    """Log the step when due; keep the step's loss (summed over processes) when it is logged,
+    evaluated, or step 1."""
+    t, st = recipe.train, s.state
+    logging = step % t.log_every == 0 or step == t.max_steps
+    if not (logging or step == 1 or _evaluation_due(t, step)):
+        return
+    value = float(sum_over_processes(loss, dist))
+    st.train_loss = value
+    if step == 1:
+        st.first_train_loss = value
+    if logging:
+        per_step = timing.per_step()
+        tokens_per_s = s.source.tokens_per_step(dist.world) / per_step
+        mfu = s.raw_model.flops_per_token(t.block_size) * tokens_per_s / (peak * dist.world) if peak else None
+        report.step(step, value, lr, tokens_per_s, mfu, time.perf_counter() - started, per_step * (t.max_steps - step))
+
+
+def _evaluation_due(t, step: int) -> bool:
+    return bool(t.eval_every and step % t.eval_every == 0) or step == t.max_steps
+
+
+def _stopped_before(st: TrainingState, t, report: Reporter) -> bool:
+    """Whether the run being resumed already stopped early (under this recipe's patience)."""
+    if not t.early_stop_patience or st.evals_without_improvement < t.early_stop_patience or st.step >= t.max_steps:
+        return False
+    report.say(f"this run stopped early at step {st.step}: {st.evals_without_improvement} evaluations in a row "
+               f"without improvement (train.early_stop_patience {t.early_stop_patience}). Raise "
+               f"train.early_stop_patience to train on.")
+    return True
 
 
 def _stop_on_interrupt(s: Setup, recipe: Recipe, step: int, working: int | None, last_saved: int | None,
@@ -183,7 +291,7 @@ def _stop_on_interrupt(s: Setup, recipe: Recipe, step: int, working: int | None,
                    f"fledge train RECIPE --resume")
         return
     if last_saved != step:
-        s.state["elapsed_s"] = time.perf_counter() - started
+        s.state.elapsed_s = time.perf_counter() - started
         _save(s, recipe, step, dist)
     report.say(f"\ninterrupted at step {step}: checkpoint saved. Continue with: fledge train RECIPE --resume")
 
@@ -228,92 +336,44 @@ class _StopRequests:
             raise KeyboardInterrupt
 
 
-def _evaluate_and_checkpoint(s: Setup, recipe: Recipe, step: int, val_windows, precision, dist: Distributed,
-                             report: Reporter, started: float) -> bool:
-    """Evaluate when due; save when due or when validation improved. Returns whether it saved."""
-    t = recipe.train
-    improved = False
-    if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
-        val = _evaluate(s, recipe, val_windows, precision, dist, report, step)
+def _evaluate_and_checkpoint(s: Setup, recipe: Recipe, step: int, precision, dist: Distributed,
+                             report: Reporter, started: float) -> tuple[bool, bool]:
+    """Evaluate when due; save when due, when validation improved, or when stopping early.
+    Returns (whether it saved, whether early stopping ends the run here)."""
+    t, st = recipe.train, s.state
+    improved = stopping = False
+    if _evaluation_due(t, step):
+        val = _evaluate(s, recipe, precision, dist, report, step)
         if not math.isfinite(val):
             raise TrainingDiverged(f"training diverged by step {step}: the validation loss is {val}, and no "
-                                   f"checkpoint is saved from it. {_divergence_advice(recipe, precision)}")
-        s.state["val_loss"] = val
-        improved = s.state.get("best_val_loss") is None or val < s.state["best_val_loss"]
+                                   f"checkpoint is saved from it. {divergence_advice(recipe, precision)}")
+        best = st.best_val_loss
+        # Early stopping counts evaluations that did not beat the best by more than min_delta; the
+        # best checkpoint follows any improvement.
+        better = best is None or val < best - t.early_stop_min_delta
+        st.evals_without_improvement = 0 if better else st.evals_without_improvement + 1
+        st.val_loss = val
+        improved = best is None or val < best
         if improved:
-            s.state.update(best_val_loss=val, best_step=step)
+            st.best_val_loss, st.best_step = val, step
         report.evaluation(step, val, improved, time.perf_counter() - started)
-    if improved or (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
-        s.state["elapsed_s"] = time.perf_counter() - started
+        stopping = bool(t.early_stop_patience) and st.evals_without_improvement >= t.early_stop_patience \
+            and step < t.max_steps
+    saved = improved or stopping or (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps
+    if saved:
+        st.elapsed_s = time.perf_counter() - started
         _save(s, recipe, step, dist)
-        return True
-    return False
+    if stopping:
+        report.say(f"stopping early at step {step}: val loss has not fallen more than {t.early_stop_min_delta:g} "
+                   f"below the best ({st.best_val_loss:.4f} at step {st.best_step}) in {st.evals_without_improvement} "
+                   f"evaluations in a row (train.early_stop_patience). The best checkpoint is "
+                   f"{ckpt.checkpoint_name(st.best_step)}.")
+    return bool(saved), stopping
 
 
-def _train_step(s: Setup, recipe: Recipe, number: int, starts, precision, dist: Distributed,
-                scaler) -> torch.Tensor:
-    """Optimizer step `number` (1-based). Returns its mean loss; raises TrainingDiverged, with the
-    update not applied, when the loss or the gradient norm is not finite."""
+def _evaluate(s: Setup, recipe: Recipe, precision, dist, report, step: int, sample: bool = True) -> float:
     t = recipe.train
-    total = torch.zeros((), device=dist.device)
-    for micro in range(t.grad_accum):
-        x, y = micro_batch(s.train_stream, rank_slice(starts, micro, dist.rank, dist.world, t.batch_size),
-                           t.block_size, dist.device)
-        sync = micro == t.grad_accum - 1
-        with (contextlib.nullcontext() if sync or dist.world == 1 else s.model.no_sync()):
-            with precision.autocast(dist.device):
-                _, loss = s.model(x, y)
-            scaled = loss / t.grad_accum
-            (scaler.scale(scaled) if scaler else scaled).backward()
-        total += loss.detach()
-    loss = total / t.grad_accum
-    if scaler:
-        scaler.unscale_(s.optimizer)
-    # The norm before clipping; max_norm=inf measures it without changing a gradient (x * 1.0).
-    norm = torch.nn.utils.clip_grad_norm_(s.raw_model.parameters(), t.grad_clip or math.inf)
-    # fp16's loss scaler skips steps with inf gradients by design: there only the loss counts.
-    _stop_if_diverged(s, recipe, number, loss, None if scaler else norm, precision, dist)
-    if scaler:
-        scaler.step(s.optimizer)
-        scaler.update()
-    else:
-        s.optimizer.step()
-    s.optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
-def _stop_if_diverged(s: Setup, recipe: Recipe, number: int, loss: torch.Tensor, norm: torch.Tensor | None,
-                      precision, dist: Distributed) -> None:
-    bad = ~torch.isfinite(loss)
-    if norm is not None:
-        bad = bad | ~torch.isfinite(norm)
-    if dist.world > 1:          # every process stops at the same step
-        diverged = dist.mean(bad.float()) > 0
-    else:
-        diverged = bool(bad)
-    if not diverged:
-        return
-    s.optimizer.zero_grad(set_to_none=True)
-    norm_text = f" (gradient norm {float(norm):.4g})" if norm is not None else ""
-    raise TrainingDiverged(f"training diverged at step {number}: the loss is {float(loss):.4g}{norm_text}; that "
-                           f"update was not applied and no checkpoint is saved from it. "
-                           f"{_divergence_advice(recipe, precision)}")
-
-
-def _divergence_advice(recipe: Recipe, precision) -> str:
-    t = recipe.train
-    tries = [f"lower train.lr (now {t.lr:g})", f"raise train.warmup_steps (now {t.warmup_steps})",
-             "set train.grad_clip (now 0), e.g. to 1.0" if not t.grad_clip else
-             f"lower train.grad_clip (now {t.grad_clip:g})"]
-    if precision.name != "fp32":
-        tries.append(f"train in fp32 (train.precision=fp32, now {precision.name})")
-    return "Try: " + "; ".join(tries) + ". Then continue from the last checkpoint with --resume."
-
-
-def _evaluate(s: Setup, recipe: Recipe, windows, precision, dist, report, step: int, sample: bool = True) -> float:
-    t = recipe.train
-    val = evaluate_loss(s.raw_model, s.val_stream, windows, t.block_size, t.batch_size, dist.device, precision,
-                        dist.rank, dist.world)
+    val = evaluate_loss(s.raw_model, s.source.val_batches(dist.rank, dist.world), dist.device, precision, dist.world)
     if sample and dist.is_main and hasattr(s.raw_model, "generate") and recipe.sample.prompts:
         from fledge.sample import generate_text
         texts = [generate_text(s.raw_model, s.tokenizer, p, recipe.sample, seed=t.seed + i, device=dist.device,
@@ -328,10 +388,17 @@ def _save(s: Setup, recipe: Recipe, step: int, dist: Distributed) -> None:
 
 
 def _save_on_main(s: Setup, recipe: Recipe, step: int) -> None:
-    from fledge.model.gpt import GPT, to_hf_config
-    hf = to_hf_config(s.raw_model.config) if isinstance(s.raw_model, GPT) else None
-    ckpt.save_checkpoint(recipe.run_path, step, s.raw_model, s.optimizer, s.state, recipe.to_yaml(),
-                         s.tokenizer_file, hf, recipe.train.keep_last)
+    tensors, aliases, extra_files = _checkpoint_contents(s)
+    ckpt.save_checkpoint(recipe.run_path, step, tensors, s.optimizer, s.state, recipe.to_yaml(), s.tokenizer_file,
+                         keep_last=recipe.train.keep_last, aliases=aliases, extra_files=extra_files)
+
+
+def _checkpoint_contents(s: Setup):
+    """What a checkpoint holds besides the training state: (tensors, aliases, extra_files(folder)).
+    The whole model's weights, and the transformers files of its config; an adapter run
+    saves the adapter's tensors and config here instead."""
+    tensors, aliases = ckpt.weights_to_save(s.raw_model)
+    return tensors, aliases, partial(write_transformers_files, hf_config=s.hf_config, tokenizer=None, template=None)
 
 
 def _choose_start(run_dir: Path, resume: bool, recipe: Recipe) -> str | None:
@@ -392,39 +459,35 @@ def check_resumable(checkpoint: Path, recipe: Recipe) -> list[str]:
     return notes
 
 
-def _prepare_data(recipe: Recipe, progress: bool) -> None:
-    from fledge.prepare import prepare
-    prepare(recipe, progress=progress)
-
-
-def _build(recipe: Recipe, dist: Distributed) -> Setup:
-    """Tokenizer, token streams, model and optimizer, freshly initialised (see `_restore`)."""
+def _build(recipe: Recipe, dist: Distributed, manifest: dict, source: BatchSource) -> Setup:
+    """Tokenizer, model and optimizer, freshly initialised (see `_restore`)."""
     from fledge.model.registry import build_model
-    from fledge.prepare import load_manifest
     from fledge.tokenizer import find_tokenizer_file, load_tokenizer
-    t = recipe.train
-    manifest = load_manifest(recipe.prepared_path)
     tokenizer_file = find_tokenizer_file(recipe.prepared_path)
     tokenizer = load_tokenizer(tokenizer_file)
-    train_stream = TokenStream(recipe.prepared_path, "train")
-    val_stream = TokenStream(recipe.prepared_path, "val")
-    train_stream.require(t.block_size, "training window")
-    val_stream.require(t.block_size, "validation window")
     vocab = manifest["tokenizer"]["vocab_size"]
     raw_model = build_model(recipe.model, vocab, tokenizer.bos_id, tokenizer.eos_id).to(dist.device)
     notes: list[str] = []
-    optimizer = make_optimizer(raw_model, t, dist.device, say=notes.append)
-    state = {"step": 0, "best_val_loss": None, "best_step": None, "val_loss": None, "vocab_size": vocab,
-             "tokenizer_sha256": manifest["tokenizer"]["sha256"]}
-    return Setup(raw_model, raw_model, optimizer, tokenizer, tokenizer_file, train_stream, val_stream, state, notes)
+    optimizer = make_optimizer(raw_model, recipe.train, dist.device, say=notes.append)
+    state = TrainingState(vocab_size=vocab, tokenizer_sha256=manifest["tokenizer"]["sha256"])
+    return Setup(raw_model, raw_model, optimizer, tokenizer, tokenizer_file, source, state, _hf_config(raw_model),
+                 takes_reduction(raw_model), notes=notes)
+
+
+def _hf_config(model: torch.nn.Module) -> dict | None:
+    """transformers' config.json of a model whose config is fledge's GPTConfig (a property of the
+    model, whatever its builder is called); None for other architectures."""
+    from fledge.model.gpt import GPTConfig, to_hf_config
+    config = getattr(model, "config", None)
+    return to_hf_config(config) if isinstance(config, GPTConfig) else None
 
 
 def _restore(s: Setup, checkpoint: Path) -> None:
     """Weights, optimizer and RNG states from a checkpoint, after everything that draws random numbers."""
-    expected = s.state["tokenizer_sha256"]
+    expected = s.state.tokenizer_sha256
     ckpt.load_weights(s.raw_model, checkpoint)
     s.state = ckpt.load_training_state(checkpoint, s.optimizer)
-    if s.state.get("tokenizer_sha256") not in (None, expected):
+    if s.state.tokenizer_sha256 not in (None, expected):
         raise CheckpointError(f"{checkpoint} was trained with another tokenizer than the prepared data's. Resume "
                               f"with the original prepared data.")
 
@@ -466,17 +529,21 @@ def _peak_flops(s: Setup, precision, dist: Distributed) -> float | None:
         return None
 
 
-def _say_whether_it_learned(r: TrainResult, report: Reporter) -> None:
-    if r.first_val_loss is None or r.final_val_loss is None:
+def _summarize(s: Setup, recipe: Recipe, dist: Distributed, report: Reporter, start_step: int,
+               verdict: bool) -> None:
+    """The run's summary line on the main process, and (unless interrupted) whether it learned."""
+    if not dist.is_main:
         return
-    if not math.isfinite(r.final_val_loss):
-        report.say(f"[bold red]the run diverged[/]: val loss is {r.final_val_loss}. Lower train.lr.")
-    elif r.final_val_loss > r.first_val_loss - 0.01:
-        report.say(f"[bold red]the model did not learn[/]: val loss {r.first_val_loss:.4f} at step 0, "
-                   f"{r.final_val_loss:.4f} now. Check train.lr, train.max_steps and the data.")
-    else:
-        report.say(f"val loss {r.first_val_loss:.4f} -> {r.final_val_loss:.4f} "
-                   f"(best {r.best_val_loss:.4f}); checkpoints in {r.run_dir / 'checkpoints'}")
+    st = s.state
+    report.say(summary_text(
+        steps=st.step, tokens=st.step * s.source.tokens_per_step(dist.world), first_train=st.first_train_loss,
+        last_train=st.train_loss, first_val=st.first_val_loss, last_val=st.val_loss, best_val=st.best_val_loss,
+        best_step=st.best_step, counts=parameter_counts(s.raw_model), change=s.watch.change_norm(),
+        since_step=start_step, not_measured=s.watch.not_kept))
+    line = learning_verdict(st.first_val_loss, st.val_loss, st.best_val_loss, recipe.run_path) if verdict else None
+    if line:
+        report.say(line)
 
 
-__all__ = ["train", "TrainResult", "TrainingDiverged", "check_resumable", "make_optimizer"]
+__all__ = ["train", "prepare_data", "TrainResult", "TrainingDiverged", "LearningError", "check_resumable",
+           "make_optimizer"]

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from transformers import LlamaForCausalLM
 
 from fledge.model.gpt import GPT, GPTConfig, KVCache, causal_attention_math, document_mask, sample_next, to_hf_config
+from fledge.prepare import prepare
 from fledge.recipe import load_recipe
 from fledge.sample import load_for_inference
 from fledge.train import train
@@ -67,6 +68,7 @@ def test_transformers_llama_loads_a_checkpoint_written_by_fledge_train(tmp_path,
         "train": dict(max_steps=3, batch_size=2, block_size=32, lr=1e-2, warmup_steps=1, eval_every=0,
                       eval_batches=1, checkpoint_every=0, threads=1, seed=3),
         "sample": {"prompts": []}})
+    prepare(recipe, progress=False)
     folder = train(recipe, progress=False).last_checkpoint
     ours, _, _ = load_for_inference(folder)
     theirs = LlamaForCausalLM.from_pretrained(folder).eval()
