@@ -491,7 +491,8 @@ def check_consistency(r: Recipe, allow_code: bool = True) -> list[str]:
         out.append(f"model.dim / model.n_heads ({m.dim // m.n_heads}) must be even for RoPE")
     if m.n_kv_heads and m.n_heads % m.n_kv_heads:
         out.append(f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads ({m.n_kv_heads})")
-    if t.block_size > m.max_seq_len:
+    if t.block_size > m.max_seq_len and not (m.base and "model.max_seq_len" not in r.given):
+        # with a base, an unset max_seq_len is the base's: checked again once the base fills it in
         out.append(f"train.block_size ({t.block_size}) exceeds model.max_seq_len ({m.max_seq_len}), the longest "
                    f"sequence the model supports. Lower train.block_size or raise model.max_seq_len.")
     if t.warmup_steps > t.max_steps:
@@ -531,12 +532,7 @@ def _finetune_problems(r: Recipe) -> list[str]:
     if r.train.epochs and not d.rows:
         out.append("train.epochs counts passes over data.rows; a corpus run counts train.max_steps. Remove "
                    "train.epochs or set data.rows")
-    if m.base:
-        given = sorted(k for k in r.given if k.startswith("tokenizer."))
-        if given:
-            out.append(f"{', '.join(given)} set with model.base: the tokenizer comes from the base. Remove "
-                       f"the tokenizer keys")
-    return out
+    return out  # keys that contradict the base (model.*, tokenizer.*) are checked by model.bases.load_base
 
 
 def check_machine_support(r: Recipe) -> list[str]:

@@ -1,10 +1,18 @@
 """Architectures by name, and named model sizes.
 
-`model.arch: llama` builds fledge's own decoder (`fledge.model.gpt.GPT`). Any other value of
+`model.arch: llama` builds fledge's own decoder (`fledge.model.gpt.GPT`). `model.arch:
+transformers` is what a recipe fine-tuning a transformers model says (`fledge.model.bases.load_base`
+sets it): the architecture of the model `model.base` names, wrapped in `TransformersLM` so the
+loop, checkpoints and sampling treat it like `GPT`. Any other value of
 the form `package.module:function` is your own architecture: fledge imports it and calls
-`function(config: ModelConfig, vocab_size: int) -> nn.Module`. The module must return
-`(logits, loss)` from `forward(idx, targets=None)`, like `GPT` does; training, checkpoints
-and evaluation then work unchanged (sampling needs a `generate` method too).
+`function(config: ModelConfig, vocab_size: int) -> nn.Module`. Prefer the keyword forward of
+the model contract, as `GPT` has it: `forward(input_ids, labels=None, *, reduction="mean",
+position_ids=None, document_ids=None) -> (logits, loss)` with `reduction="sum"` summing the
+targets' losses; the loop detects the `reduction` parameter and calls it that way. A plain
+`forward(idx, targets=None)` returning `(logits, mean loss)` works too: it is called
+positionally and the mean multiplied by the number of targets, but it cannot take packed
+rows. Training, checkpoints and evaluation then work unchanged (sampling needs a `generate`
+method too).
 
 Importing a module runs its code, so `build_model` imports one only for a `ModelConfig` that
 `load_recipe(..., allow_code=True)` produced (the recipe the user runs), or when the caller
@@ -44,7 +52,13 @@ def build_llama(config: ModelConfig, vocab_size: int, bos_id: int | None = None,
         dropout=config.dropout, init_std=config.init_std, bos_id=bos_id, eos_id=eos_id))
 
 
-ARCHITECTURES: dict[str, Callable] = {"llama": build_llama}
+def build_transformers(config: ModelConfig, vocab_size: int) -> nn.Module:
+    """`model.arch: transformers`: see fledge.model.bases.build_transformers."""
+    from fledge.model.bases import build_transformers as build
+    return build(config, vocab_size)
+
+
+ARCHITECTURES: dict[str, Callable] = {"llama": build_llama, "transformers": build_transformers}
 
 
 # package.module:function, absolute (a relative `.module` has no package to be relative to).

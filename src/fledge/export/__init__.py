@@ -1,0 +1,1 @@
+"""Files other tools load: transformers folders (hf.py)."""
