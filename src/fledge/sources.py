@@ -1,24 +1,30 @@
 """Which files `data.sources` names (each regular file once, found without following loops),
-and how a .jsonl row becomes text.
+and how a .jsonl row becomes text. The file finder here serves the data tools too
+(fledge.data.sources.expand_sources): one set of rules for every input fledge reads.
 
     files = resolve_sources(recipe.data)            # [SourceFile(path, name, jsonl, key, root), ...]
     refuse_overlap(files, recipe.prepared_path, "data.prepared_dir")
     for line, text in jsonl_rows(files[0], recipe.data, collections.Counter(), RowReport()): ...
+    found, nothing = find_sources(["data/", "extra/**/*.jsonl"], (".jsonl",))   # the shared finder
 
-An entry is a file (read as plain text unless it ends in .jsonl), a folder (walked for .txt,
-.md and .jsonl files) or a glob (`**` matches any number of folders). A file reached twice
-(named twice, by two globs, through a symlink) is read once: inputs are deduplicated by
-their real path. A walk (a folder, or a glob's `**`) enters a symlinked folder, but each
-real folder once and never a link back up to a folder that holds the walk, so links cannot
-make loops. Only regular files are read: a pipe, socket or device is refused, since reading
-one can block forever. `refuse_overlap` keeps the prepared folder (which prepare replaces on
-every run) apart from the sources.
+An entry is a file that exists (any suffix; read as .jsonl rows when it ends in .jsonl, in any
+case, else as plain text), a folder (walked for .txt, .md and .jsonl files, in any case) or a
+glob (`**` matches any number of folders; a match that is a folder is walked like a folder
+named, as the shell's expansion of the glob would be). A file reached twice (named twice, by
+two globs, through a symlink) is read once: inputs are deduplicated by their real path. A walk
+(a folder, or a glob's `**`) enters a symlinked folder, but each real folder once and never a
+link back up to a folder that holds the walk, so links cannot make loops or reach around the
+folder named. Only regular files are read: a pipe, socket or device is refused, since reading
+one can block forever, and so is a symlink that leads nowhere, where a file would be read.
+`refuse_overlap` keeps the prepared folder (which prepare replaces on every run) apart from the
+sources.
 
-A .jsonl row is valid when its line is UTF-8 (or data.on_decode_error: replace), strict JSON
-(no NaN or Infinity, no number past 64-bit float range or 4,300 digits, nesting Python can
-parse) and an object whose data.text_field is a string without unpaired surrogates. Any
-other row raises DataError with file:line, or with data.on_bad_row: skip is counted and
-dropped (RowReport: rows read = written + bad + empty).
+A .jsonl row is valid when its line is UTF-8 (or data.on_decode_error: replace), strict JSON as
+fledge.jsonstrict reads it (no NaN or Infinity, no number past 64-bit float range or 4,300
+digits, nesting at most 200 levels, no lone surrogate in any string) and an object whose
+data.text_field is a string. Only the first line may open with a byte order mark, and a line of
+JSON whitespace alone is no row. Any other row raises DataError with file:line, or with
+data.on_bad_row: skip is counted and dropped (RowReport: rows read = written + bad + empty).
 """
 
 from __future__ import annotations
@@ -28,21 +34,19 @@ import collections
 import errno
 import fnmatch
 import glob
-import json
-import math
 import os
 import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, NamedTuple
 
+from fledge import jsonstrict
 from fledge.errors import DataError
-from fledge.files import storage_error
 
 FOLDER_SUFFIXES = (".txt", ".md", ".jsonl")
-MAX_DIGITS = 4300        # longest JSON integer read (Python's int parsing limit since 3.11)
 KEPT_BAD_ROWS = 1000     # bad rows listed in the manifest (all are counted)
+SPACE = jsonstrict.SPACE.encode()  # a line of only these is blank, no row
 ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, after surrogateescape
 
 
@@ -61,17 +65,16 @@ def resolve_sources(data) -> list[SourceFile]:
     if not data.sources:
         raise DataError("data.sources is empty: list the text files, folders or globs to read, "
                         "e.g. data.sources: [corpus/].")
-    files, seen = [], set()
-    for entry in data.sources:
-        for path, name, explicit, root in _expand(str(entry)):
-            real = os.path.realpath(path)
-            if real in seen:
-                continue
-            seen.add(real)
-            if explicit and path.suffix == ".json":
-                raise DataError("a JSON file; prepare reads .txt, .md and .jsonl (one JSON object per line). "
-                                "Convert it to .jsonl.", name)
-            files.append(SourceFile(path, name, path.suffix == ".jsonl", _split_key(entry, path), root))
+    found, nothing = find_sources(data.sources, FOLDER_SUFFIXES)
+    if nothing:
+        raise _names_nothing(nothing[0])
+    files = []
+    for entry, path, root in found:
+        suffix = path.suffix.lower()
+        if root is None and suffix == ".json":
+            raise DataError("a JSON file; prepare reads .txt, .md and .jsonl (one JSON object per line). "
+                            "Convert it to .jsonl.", path.as_posix())
+        files.append(SourceFile(path, path.as_posix(), suffix == ".jsonl", _split_key(entry, path), root))
     return files
 
 
@@ -98,75 +101,127 @@ def refuse_overlap(files: list[SourceFile], prepared: Path, origin: str) -> None
                             root.as_posix())
 
 
-# --- expanding one entry ---------------------------------------------------------------------
-
-def _expand(entry: str) -> list[tuple[Path, str, bool, Path | None]]:
-    """(path, name, named explicitly, folder walked) for each file a source entry matches."""
-    if glob.has_magic(entry):
-        matches = _glob(entry)
-        found = []
-        for match in matches:
-            kind = _kind(match)
-            if kind == "file":
-                found.append((match, match.as_posix(), True, None))
-            elif kind == "special":
-                raise _not_regular(match)
-        seen: set[str] = set()  # real folders walked for this entry: `c/**` matches c, c/sub, ...
-        base = os.path.join(os.path.realpath(_fixed_folder(entry)), "")
-        for match in sorted(matches, key=Path.is_symlink):  # a folder reached directly wins over a link to it
-            loop = match.is_symlink() and base.startswith(os.path.join(os.path.realpath(match), ""))
-            if _kind(match) == "dir" and not loop:  # (`c/*` matching c/up -> .. would read around c)
-                found += _walk(match, seen)
-        if not found:
-            raise DataError(f"the glob matches no files. {_nearby(Path(entry).parent)} Fix data.sources.",
-                            entry)
-        return found
+def _names_nothing(entry: str) -> DataError:
     path = Path(entry)
-    kind = _kind(path)
-    if kind == "file":
-        return [(path, path.as_posix(), True, None)]
-    if kind == "special":
-        raise _not_regular(path)
-    if kind == "dir":
-        found = _walk(path, set())
-        if not found:
-            raise DataError(f"the folder holds no {', '.join(FOLDER_SUFFIXES)} files. {_nearby(path)} "
-                            f"Name other files explicitly or with a glob (e.g. {entry.rstrip('/')}/*.limn).",
-                            entry)
-        return found
-    raise DataError(f"no such file or folder. {_nearby(path.parent)} Fix data.sources.", entry)
+    if path.is_dir():
+        return DataError(f"the folder holds no {', '.join(FOLDER_SUFFIXES)} files. {_nearby(path)} "
+                         f"Name other files explicitly or with a glob (e.g. {entry.rstrip('/')}/*.limn).", entry)
+    if glob.has_magic(entry):
+        return DataError(f"the glob matches no files. {_nearby(path.parent)} Fix data.sources.", entry)
+    return DataError(f"no such file or folder. {_nearby(path.parent)} Fix data.sources.", entry)
 
 
-def _kind(path: Path) -> str:
-    """'file', 'dir', 'special' (pipe, socket, device) or 'missing' (also a dangling symlink).
-    _tree also says 'loop' for a link to a folder that holds the walk."""
+def _split_key(entry: str, path: Path) -> str:
+    """`path` relative to the fixed (non-glob) folder of its source entry; a file named directly: its name."""
+    fixed = _fixed_folder(entry)
+    if fixed == path or not fixed.is_dir():
+        return path.name
+    try:
+        return path.relative_to(fixed).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _nearby(folder: Path) -> str:
+    """What the nearest existing folder holds, for error messages."""
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return ""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    more = f" and {len(names) - 12} more" if len(names) > 12 else ""
+    return f"{folder.as_posix() or '.'}/ holds: {', '.join(names[:12]) or 'nothing'}{more}."
+
+
+# --- finding files (prepare's sources and the data tools' inputs) ----------------------------
+
+class Found(NamedTuple):
+    entry: str          # the source entry that named it
+    path: Path
+    root: Path | None   # the folder whose walk found it; None for a file named or matched by a glob
+
+
+def find_sources(entries: Iterable[str | Path], suffixes: tuple[str, ...]) -> tuple[list[Found], list[str]]:
+    """Every file the entries name, in order, each real file once; and the entries that name
+    nothing (no such path, a folder without `suffixes` files, a glob without matches), for the
+    caller to report in its own terms. Raises DataError for what is there but not a regular file."""
+    found, nothing, seen = [], [], set()
+    for entry in map(str, entries):
+        matches = _expand(entry, suffixes)
+        if not matches:
+            nothing.append(entry)
+        for path, root in matches:
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                found.append(Found(entry, path, root))
+    return found, nothing
+
+
+def file_kind(path: Path) -> str:
+    """'file', 'dir', 'special' (pipe, socket, device) or 'missing' (also a symlink that leads
+    nowhere). _tree also says 'loop' for a link to a folder that holds the walk."""
     try:
         mode = os.stat(path).st_mode
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
             return "missing"
-        raise storage_error(e, path, "read") from None
+        raise DataError(f"cannot read it ({e.strerror or e}). Check that it is readable.", str(path)) from None
     if stat.S_ISREG(mode):
         return "file"
     return "dir" if stat.S_ISDIR(mode) else "special"
 
 
-def _not_regular(path: Path) -> DataError:
-    return DataError("not a regular file (a pipe, socket or device); prepare reads only regular files, since "
-                     "reading a pipe can wait forever. Write the stream to a file and name that file in "
-                     "data.sources.", path.as_posix())
+def not_regular(path: Path, kind: str = "special") -> DataError:
+    """The one line refusing something that is there but is not a regular file to read."""
+    if kind == "missing":
+        return DataError("a symlink that leads nowhere (its target is missing, or the links loop); fledge reads "
+                         "only regular files. Fix the link or remove it.", path.as_posix())
+    return DataError("not a regular file (a pipe, socket or device); fledge reads only regular files, since reading "
+                     "a pipe can wait forever. Write the data to a file and name that file instead.", path.as_posix())
 
 
-def _walk(folder: Path, seen: set[str]) -> list[tuple[Path, str, bool, Path | None]]:
-    """The .txt/.md/.jsonl files below `folder`, sorted; real folders in `seen` are not entered."""
+def _expand(entry: str, suffixes: tuple[str, ...]) -> list[tuple[Path, Path | None]]:
+    """(path, folder walked or None) of each file one entry names: a path that exists is taken as
+    it is, even with wildcard characters in its name; otherwise a glob's matches."""
+    path = Path(entry)
+    kind = file_kind(path)
+    if kind == "file":
+        return [(path, None)]
+    if kind == "special":
+        raise not_regular(path)
+    if kind == "dir":
+        return [(f, path) for f in _walk(path, suffixes, set())]
+    if not glob.has_magic(entry):
+        return []
+    matches = _glob(entry)
+    found: list[tuple[Path, Path | None]] = []
+    for match in matches:
+        kind = file_kind(match)
+        if kind == "file":
+            found.append((match, None))
+        elif kind != "dir":
+            raise not_regular(match, kind)  # glob lists a dangling link too
+    seen: set[str] = set()  # real folders walked for this entry: `c/**` matches c, c/sub, ...
+    base = os.path.join(os.path.realpath(_fixed_folder(entry)), "")
+    for match in sorted(matches, key=Path.is_symlink):  # a folder reached directly wins over a link to it
+        loop = match.is_symlink() and base.startswith(os.path.join(os.path.realpath(match), ""))
+        if file_kind(match) == "dir" and not loop:  # (`c/*` matching c/up -> .. would read around c)
+            found += [(f, match) for f in _walk(match, suffixes, seen)]
+    return found
+
+
+def _walk(folder: Path, suffixes: tuple[str, ...], seen: set[str]) -> list[Path]:
+    """The files below `folder` whose suffix (in any case) is one of `suffixes`, sorted; real
+    folders in `seen` are not entered."""
     found = []
     for path, kind in _tree(folder, hidden=True, seen=seen):
-        if path.suffix not in FOLDER_SUFFIXES or kind in ("dir", "loop", "missing"):
+        if path.suffix.lower() not in suffixes or kind in ("dir", "loop"):
             continue
-        if kind == "special":
-            raise _not_regular(path)
-        found.append((path, path.as_posix(), False, folder))
-    return sorted(found, key=lambda item: item[0])
+        if kind != "file":
+            raise not_regular(path, kind)
+        found.append(path)
+    return sorted(found)
 
 
 def _tree(folder: Path, hidden: bool, seen: set[str] | None = None) -> list[tuple[Path, str]]:
@@ -188,10 +243,11 @@ def _tree(folder: Path, hidden: bool, seen: set[str] | None = None) -> list[tupl
             with os.scandir(current) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            raise storage_error(e, current, "list") from None
+            raise DataError(f"cannot list this folder ({e.strerror or e}). Check that it is readable.",
+                            str(current)) from None
         for entry in entries:
             path = current / entry.name
-            kind = _kind(path) if entry.is_symlink() else \
+            kind = file_kind(path) if entry.is_symlink() else \
                 "dir" if entry.is_dir() else "file" if entry.is_file() else "special"
             if kind == "dir" and entry.is_symlink() and root.startswith(os.path.join(os.path.realpath(path), "")):
                 kind = "loop"  # a link to `folder` or a folder around it: listed, never entered or matched
@@ -211,7 +267,7 @@ def _glob(entry: str) -> list[Path]:
         return [Path(m) for m in sorted(glob.glob(entry))]
     base = _fixed_folder(entry)
     pattern = parts[len(base.parts):]
-    if _kind(base) != "dir":
+    if file_kind(base) != "dir":
         return []
     matches = [base] if _match(pattern, ()) else []
     for path, kind in _tree(base, hidden=False):
@@ -237,28 +293,6 @@ def _fixed_folder(entry: str) -> Path:
     """The part of a source entry before its first wildcard (the whole entry if it has none)."""
     parts = Path(entry).parts
     return Path(*parts[:next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))] or ".")
-
-
-def _split_key(entry: str, path: Path) -> str:
-    """`path` relative to the fixed (non-glob) folder of its source entry; a file named directly: its name."""
-    fixed = _fixed_folder(entry)
-    if fixed == path or not fixed.is_dir():
-        return path.name
-    try:
-        return path.relative_to(fixed).as_posix()
-    except ValueError:
-        return path.name
-
-
-def _nearby(folder: Path) -> str:
-    """What the nearest existing folder holds, for error messages."""
-    while not folder.is_dir() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        return ""
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
-    more = f" and {len(names) - 12} more" if len(names) > 12 else ""
-    return f"{folder.as_posix() or '.'}/ holds: {', '.join(names[:12]) or 'nothing'}{more}."
 
 
 # --- reading .jsonl rows ---------------------------------------------------------------------
@@ -293,7 +327,7 @@ def jsonl_rows(src: SourceFile, data, replaced: collections.Counter, rows: RowRe
             start, offset = offset, offset + len(raw)
             if number == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw, start = raw[3:], start + 3
-            if not raw.strip():
+            if not raw.strip(SPACE):
                 continue
             rows.read += 1
             try:
@@ -322,18 +356,11 @@ def _row_text(raw: bytes, start: int, name: str, data, replaced: collections.Cou
                           f"replace.") from None
         line, count = ESCAPED.subn("\ufffd", raw.decode("utf-8", "surrogateescape"))
         replaced[name] += count
+    try:
+        record = jsonstrict.loads(line.rstrip("\r\n"))  # rstrip: so columns count within this line
+    except jsonstrict.NotJson as e:
+        raise _BadRow(f"{e}. Fix or remove the line.") from None
     field = data.text_field
-    try:  # NaN, Infinity, 1e999 and 5,000-digit integers are refused by the hooks below
-        record = json.loads(line.rstrip("\r\n"), parse_constant=_refuse_constant, parse_int=_parse_int,
-                            parse_float=_parse_float)  # rstrip: so colno counts within this line
-    except json.JSONDecodeError as e:
-        problem = e.msg.removesuffix(" at")  # "Unterminated string starting at", then " at column 26"
-        raise _BadRow(f"not valid JSON ({problem} at column {e.colno}). Fix or remove the line.") from None
-    except RecursionError:
-        raise _BadRow("not readable JSON: arrays or objects nested deeper than Python can parse. Fix or "
-                      "remove the line.") from None
-    except ValueError as e:  # from the hooks
-        raise _BadRow(f"not valid JSON ({e}). Fix or remove the line.") from None
     if not isinstance(record, dict):
         raise _BadRow(f"a JSON {_json_type(record)}, not an object with a {field!r} field. Convert the file to "
                       f"one object per line.")
@@ -344,30 +371,7 @@ def _row_text(raw: bytes, start: int, name: str, data, replaced: collections.Cou
     if not isinstance(text, str):
         raise _BadRow(f"{field!r} is a JSON {_json_type(text)}, not a string. Point data.text_field at a text "
                       f"field.")
-    if "\\u" in line:  # only a \u escape can make a lone surrogate here (bad bytes are an error or U+FFFD by now)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise _BadRow(f"{field!r} holds an unpaired surrogate (\\u{ord(text[e.start]):04x} at character "
-                          f"{e.start}), which is not text. Fix the escape in the record.") from None
     return text
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def _parse_int(digits: str) -> int:
-    if len(digits.lstrip("-")) > MAX_DIGITS:
-        raise ValueError(f"an integer of {len(digits.lstrip('-')):,} digits; at most {MAX_DIGITS} are read")
-    return int(digits)
-
-
-def _parse_float(digits: str) -> float:
-    value = float(digits)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {digits[:20]} is too large for a 64-bit float")
-    return value
 
 
 def _json_type(value) -> str:

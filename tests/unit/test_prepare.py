@@ -555,8 +555,27 @@ def test_a_pipe_is_refused_not_read(tmp_path, entry):
     write(tmp_path / "a.txt", prose(1))
     os.mkfifo(tmp_path / "pipe.txt")  # reading it would wait forever
     with pytest.raises(DataError, match=rf"^{tmp_path}/pipe\.txt: not a regular file \(a pipe, socket or device\); "
-                                        r"prepare reads only regular files"):
+                                        r"fledge reads only regular files"):
         prepare(recipe(tmp_path, [entry.format(tmp=tmp_path)]), progress=False)
+
+
+def test_a_dangling_symlink_is_refused_where_a_file_would_be_read(tmp_path):
+    write(tmp_path / "c" / "a.txt", prose(1))
+    (tmp_path / "c" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    (tmp_path / "c" / "gone.csv").symlink_to(tmp_path / "nowhere.csv")  # not a suffix a walk reads: ignored
+    for entry in [tmp_path / "c", f"{tmp_path}/c/*.txt", f"{tmp_path}/c/**/*.txt"]:
+        with pytest.raises(DataError, match=rf"^{tmp_path}/c/gone\.txt: a symlink that leads nowhere "
+                                            r"\(its target is missing, or the links loop\); fledge reads only"):
+            prepare(recipe(tmp_path, [entry]), progress=False)
+
+
+def test_suffixes_match_in_any_case(tmp_path):
+    write(tmp_path / "c" / "A.TXT", prose(1))
+    write(tmp_path / "c" / "rows.JSONL", json.dumps({"text": "a row"}) + "\n")
+    manifest = prepare(recipe(tmp_path, [tmp_path / "c"], tokenizer={"kind": "char", "vocab_size": 100},
+                              val_fraction=0.0), progress=False)
+    assert [s["path"] for s in manifest["sources"]] == [f"{tmp_path}/c/A.TXT", f"{tmp_path}/c/rows.JSONL"]
+    assert sorted(documents(tmp_path / "prep", "train")) == sorted([prose(1), "a row"])  # rows, not raw JSON
 
 
 def test_nul_bytes_in_text_files_are_text(tmp_path):

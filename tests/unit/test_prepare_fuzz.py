@@ -13,6 +13,7 @@ import pytest
 
 from badrows import BAD_LINES, valid_row, write_mixed_jsonl
 from fledge.errors import DataError
+from fledge.jsonstrict import MAX_DEPTH
 from fledge.prepare import load_manifest, prepare, shard_arrays
 from fledge.recipe import load_recipe
 from fledge.tokenizer import load_tokenizer
@@ -34,6 +35,12 @@ EXTRA_BAD: dict[str, bytes] = {
     "text_null": b'{"text": null}',
     "text_true": b'{"text": true}',
     "two_objects": b'{"text": "a"}{"text": "b"}',
+    # the rules of fledge.jsonstrict, shared with the data tools: 200 levels at most, and no lone
+    # surrogate in any string (not only the text field)
+    "nested_past_max_depth": b'{"text": "a", "n": ' + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b"}",
+    "surrogate_in_another_field": b'{"text": "a", "note": "\\ud800"}',
+    "surrogate_in_a_key": b'{"text": "a", "\\udfff": 1}',
+    "formfeed_line": b"\x0c",  # not JSON whitespace, so not a blank line
 }
 # Rows that look odd but are valid: their text must come through exactly.
 EXTRA_GOOD: dict[bytes, str] = {
@@ -41,6 +48,7 @@ EXTRA_GOOD: dict[bytes, str] = {
     b'{"text": "escaped nul \\u0000 ok"}': "escaped nul \x00 ok",
     b'{"text": "t\\tab \\u00e9", "n": 12345678901234567890}': "t\tab \u00e9",
     b'{"text": "crlf line"}\r': "crlf line",
+    b'{"text": "deep ok", "n": ' + b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1) + b"}": "deep ok",
 }
 ALL_BAD = {**BAD_LINES, **EXTRA_BAD}
 

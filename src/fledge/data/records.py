@@ -46,9 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from fledge.data.sources import SURROGATE_CHAR, Invalid, expand_sources, iter_raw_rows
+from fledge.data.sources import Invalid, expand_sources, iter_raw_rows
 from fledge.errors import DataError
 from fledge.files import atomic_open
+from fledge.jsonstrict import SURROGATE_CHAR
 
 ROLES = ("system", "user", "assistant", "tool", "function")
 # Field names detected as io pairs besides "input"/"output": user 3's DOT datasets. Kept in

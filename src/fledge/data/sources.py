@@ -5,11 +5,12 @@
     for line, row in iter_raw_rows(paths[0]):
         if isinstance(row, Invalid): print(f"{paths[0]}:{line}: {row.message}")
 
-A row is read as JSON the strict way: NaN and Infinity are not JSON, a number too large for a
-float or with more digits than Python converts is an invalid row, and so are rows nested more
-than MAX_DEPTH levels and strings holding a lone surrogate escape ("\\ud800", which no UTF-8
-file can store). Each such row becomes an `Invalid` at its file:line like any other bad row,
-so `--drop-invalid` drops it and the rest of the file is still read.
+A row is read as JSON the strict way, by fledge.jsonstrict (the decoder prepare uses too): NaN
+and Infinity are not JSON, a number too large for a float or with more than 4,300 digits is an
+invalid row, and so are rows nested more than MAX_DEPTH (200) levels and strings holding a lone
+surrogate escape ("\\ud800", which no UTF-8 file can store). Each such row becomes an `Invalid`
+at its file:line like any other bad row, so `--drop-invalid` drops it and the rest of the file
+is still read.
 
 A .parquet file (read with pyarrow, in batches of rows) numbers its rows from 1 as its "lines".
 Its values must be what a JSON row can hold too: a NaN or infinite number (pandas' missing
@@ -17,32 +18,33 @@ value) or a value JSON has no type for (bytes, a timestamp, a decimal) makes the
 `Invalid` naming the column; cast such columns to strings or drop them.
 
 Lines count on "\\n" only (a JSONL file is split on it; CSV lines are decoded one by one, so
-a decoding error names its own line). Only regular files are read: a FIFO or device named as
-input is refused instead of blocking, and folder walks do not follow a symlink back into a
-folder they have already walked.
+a decoding error names its own line); only a file's first line may open with a byte order mark.
+
+Files are found by fledge.sources' finder, the one prepare uses: a path that exists is taken as
+it is, a folder is walked for the data files (suffixes in any case), a glob's `**` crosses
+folders, and a glob match that is a folder is walked like a folder named. A walk enters a
+symlinked folder, but each real folder once and never a link back up to a folder that holds
+the walk, so links cannot make loops or reach around the folder named. Each real file is read
+once. Only regular files are read: a FIFO or device named as input, or met in a walk, is
+refused instead of blocking, and so is a symlink that leads nowhere.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
-import json
 import math
 import os
-import re
-import stat
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from fledge.errors import DataError, DependencyError
+from fledge.jsonstrict import SPACE, NotJson, decode_at, loads, value_end
+from fledge.sources import file_kind, find_sources, not_regular
 
 SUFFIXES = (".jsonl", ".json", ".csv")   # what folder walks of the data tools pick up
 ROW_SUFFIXES = (*SUFFIXES, ".parquet")   # fine-tuning rows (data.rows) also read Parquet found in folders
 PARQUET_BATCH = 1024   # rows converted to Python at a time
-MAX_DEPTH = 200   # nesting levels a row may have: chat rows need 3, and json recurses once per level
-MAGIC = re.compile(r"[*?\[]")
 
 
 @dataclass(frozen=True)
@@ -52,94 +54,12 @@ class Invalid:
     message: str
 
 
-# --- decoding one JSON value -----------------------------------------------------------------
-
-class _NotJson(ValueError):
-    """Raised by the decoder hooks for values Python's json accepts but JSON does not."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise _NotJson(f"{name} is not a JSON value (JSON has no NaN or Infinity); write null or a string")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _NotJson(f"the number {text[:40]} is too large to read (it overflows to infinity); write it as a "
-                       f"string")
-    return value
-
-
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
-_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)   # strings skipped whole, brackets
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_SCALAR = re.compile(r'[^,\]}\s]*')
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
-SURROGATE_CHAR = re.compile("[\ud800-\udfff]")
-
-
-def _too_deep(text: str, start: int = 0, end: int | None = None) -> bool:
-    """Whether brackets outside strings nest more than MAX_DEPTH levels in text[start:end]."""
-    end = len(text) if end is None else end
-    if text.count("[", start, end) + text.count("{", start, end) <= MAX_DEPTH:
-        return False
-    depth = 0
-    for m in _TOKEN.finditer(text, start, end):
-        t = m.group()
-        if t == "[" or t == "{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                return True
-        elif t == "]" or t == "}":
-            depth -= 1
-    return False
-
-
-def _has_lone_surrogate(value: Any) -> bool:
-    stack = [value]
-    while stack:   # a loop, not recursion: the value may be MAX_DEPTH levels deep
-        node = stack.pop()
-        if isinstance(node, str):
-            if SURROGATE_CHAR.search(node):
-                return True
-        elif isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return False
-
-
-DEEP = f"nested more than {MAX_DEPTH} levels deep; no training row needs that, so it is not read"
-SURROGATE = ("holds a lone surrogate escape (\\ud800-\\udfff without its pair), which is not text and cannot be "
-             "written as UTF-8; fix the string")
-
-
-def _screen(text: str, value: Any) -> Any:
-    """`value` (decoded from `text`) or an Invalid when a string in it holds a lone surrogate."""
-    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
-        return Invalid(SURROGATE)
-    return value
-
-
 def decode_json(text: str) -> Any:
     """One JSON value from `text`, or an Invalid saying why no tool may use it. Never raises."""
-    if _too_deep(text):
-        return Invalid(DEEP)
     try:
-        value = _DECODER.decode(text)
-    except json.JSONDecodeError as e:
-        msg = e.msg.removesuffix(" at")   # "Unterminated string starting at"
-        return Invalid(f"not valid JSON ({msg} at column {e.colno})" if e.lineno == 1 else
-                       f"not valid JSON ({msg} at line {e.lineno} column {e.colno} of the row)")
-    except _NotJson as e:
+        return loads(text)
+    except NotJson as e:
         return Invalid(str(e))
-    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
-        return Invalid(f"a number has more than {sys.get_int_max_str_digits():,} digits, more than Python reads; "
-                       f"write it as a string")
-    except RecursionError:   # MAX_DEPTH keeps rows far below this; a backstop for deep Python stacks
-        return Invalid(DEEP)
-    return _screen(text, value)
 
 
 # --- reading files ---------------------------------------------------------------------------
@@ -172,17 +92,15 @@ def iter_raw_rows(path: str | Path, list_key: str = "") -> Iterator[tuple[int | 
 
 def _require_regular(p: Path) -> None:
     """DataError unless `p` is a regular file (opening a FIFO would wait for a writer)."""
-    try:
-        mode = os.stat(p).st_mode
-    except FileNotFoundError:
+    kind = file_kind(p)
+    if kind == "missing":
         raise DataError("no such file. Pass .jsonl, .json, .csv or .parquet files (or folders holding them).",
-                        path=str(p)) from None
-    except OSError as e:
-        raise DataError(f"cannot read it ({e.strerror or e}).", path=str(p)) from None
-    if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe, socket or device)"
-        raise DataError(f"{kind}; fledge reads only regular files. Name the data files, or remove this one "
-                        f"from the inputs.", path=str(p))
+                        path=str(p))
+    if kind == "dir":
+        raise DataError("a folder; fledge reads only regular files. Name the data files, or remove this one from "
+                        "the inputs.", path=str(p))
+    if kind != "file":
+        raise not_regular(p)
 
 
 def _iter_jsonl(p: Path) -> Iterator[tuple[int, Any]]:
@@ -193,8 +111,8 @@ def _iter_jsonl(p: Path) -> Iterator[tuple[int, Any]]:
             except UnicodeDecodeError as e:
                 yield number, Invalid(f"not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8")
                 continue
-            text = text.removeprefix("\ufeff").rstrip("\r\n")
-            if not text.strip(" \t\r"):
+            text = (text.removeprefix("\ufeff") if number == 1 else text).rstrip("\r\n")
+            if not text.strip(SPACE):
                 continue
             yield number, decode_json(text)
 
@@ -215,30 +133,9 @@ class _LineCounter:
 
 def _skip_ws(text: str, pos: int) -> int:
     n = len(text)
-    while pos < n and text[pos] in " \t\r\n":
+    while pos < n and text[pos] in SPACE:
         pos += 1
     return pos
-
-
-def _value_end(text: str, pos: int) -> int | None:
-    """End of the JSON value starting at `pos` (found by brackets and strings), or None."""
-    c = text[pos:pos + 1]
-    if c == '"':
-        m = _STRING.match(text, pos)
-        return m.end() if m else None
-    if c in ("[", "{"):
-        depth = 0
-        for m in _TOKEN.finditer(text, pos):
-            t = m.group()
-            if t == "[" or t == "{":
-                depth += 1
-            elif t == "]" or t == "}":
-                depth -= 1
-                if depth == 0:
-                    return m.end()
-        return None
-    end = _SCALAR.match(text, pos).end()
-    return end if end > pos else None
 
 
 def _snippet(text: str, pos: int) -> str:
@@ -277,17 +174,13 @@ def _array_rows(text: str, start: int, p: Path, lines: _LineCounter, top_level: 
         while True:
             line = lines.at(pos)
             try:
-                value, end = _DECODER.raw_decode(text, pos)
-            except (ValueError, RecursionError):
-                value, end = None, None
-            if end is not None:
-                value = Invalid(DEEP) if _too_deep(text, pos, end) else _screen(text[pos:end], value)
-            else:
-                end = _value_end(text, pos)
+                value, end = decode_at(text, pos)
+            except NotJson as e:
+                end = value_end(text, pos)   # step past the bad row to the next one
                 if end is None:
                     raise DataError(f"not valid JSON at {_snippet(text, pos)}; the rows after it cannot be told "
-                                    f"apart. Fix the file.", path=str(p), line=line)
-                value = decode_json(text[pos:end])
+                                    f"apart. Fix the file.", path=str(p), line=line) from None
+                value = Invalid(str(e))
             yield line, value
             pos = _skip_ws(text, end)
             c = text[pos:pos + 1]
@@ -322,14 +215,14 @@ def _find_row_list(text: str, start: int, list_key: str, p: Path,
     pos = _skip_ws(text, start + 1)
     closed = text[pos:pos + 1] == "}"
     while not closed:
-        key_end = _value_end(text, pos) if text[pos:pos + 1] == '"' else None
+        key_end = value_end(text, pos) if text[pos:pos + 1] == '"' else None
         if key_end is None:
             raise DataError(f"not valid JSON: expected a field name at {_snippet(text, pos)}. Fix the file.",
                             path=str(p), line=lines.at(pos))
         key = decode_json(text[pos:key_end])
         colon = _skip_ws(text, key_end)
         value = _skip_ws(text, colon + 1)
-        end = _value_end(text, value) if text[colon:colon + 1] == ":" else None
+        end = value_end(text, value) if text[colon:colon + 1] == ":" else None
         if isinstance(key, Invalid) or end is None:
             raise DataError(f"not valid JSON near {_snippet(text, pos)}. Fix the file.", path=str(p),
                             line=lines.at(pos))
@@ -457,86 +350,22 @@ def expand_sources(sources: Iterable[str | Path], suffixes: tuple[str, ...] = SU
     """Files, folders (their data files, sorted) and globs -> the list of files, in order.
 
     A file reached twice (named twice, through a symlink, or by a glob and a folder) is read once.
-    Folders are walked without re-entering a folder through a symlink loop. Raises DataError for
-    sources that do not exist, folders and globs without data files, and anything that is not a
-    regular file.
+    Folders are walked without loops (see the module docstring). Raises DataError for sources that
+    do not exist, folders and globs without data files, and anything that is not a regular file.
     """
-    files: list[Path] = []
-    seen: set[str] = set()
-    missing: list[str] = []
-    empty: list[str] = []
-
-    def add(path: Path) -> None:
-        _require_regular(path)
-        real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            files.append(path)
-
-    for s in sources:
-        p = Path(s)
-        if p.is_dir():
-            found = [f for f in _walk(p) if f.suffix.lower() in suffixes]
-            if not found:
-                empty.append(str(p))
-            for f in found:
-                add(f)
-        elif p.exists():
-            add(p)
-        elif MAGIC.search(str(s)):
-            matched = _glob(str(s))
-            if not matched:
-                missing.append(str(s))
-            for f in matched:
-                add(f)
-        else:
-            missing.append(str(s))
+    found, nothing = find_sources(sources, suffixes)
+    missing = [entry for entry in nothing if not Path(entry).is_dir()]
+    empty = [entry for entry in nothing if Path(entry).is_dir()]
     if missing:
         near = sorted({str(f) for m in missing if Path(m).parent.is_dir() for f in Path(m).parent.iterdir()
                        if f.suffix.lower() in suffixes})[:8]
-        found = f" Data files next to it: {', '.join(near)}." if near else ""
+        hint = f" Data files next to it: {', '.join(near)}." if near else ""
         kinds = ", ".join(suffixes[:-1]) + " or " + suffixes[-1]
-        raise DataError(f"no such file: {', '.join(missing)}.{found} Pass {kinds} files (or folders holding them).")
+        raise DataError(f"no such file: {', '.join(missing)}.{hint} Pass {kinds} files (or folders holding them).")
     if empty:
         raise DataError(f"no data files in {', '.join(empty)}: no {', '.join(suffixes)} files there or in its "
                         f"subfolders. Put the data files there or name them.")
-    return files
-
-
-def _walk(folder: Path, skip_hidden: bool = False) -> list[Path]:
-    """Every entry below `folder` that is not a folder, sorted; symlinked folders are followed
-    once (a symlink back into a walked folder is not entered again)."""
-    found = []
-    visited: set[str] = set()
-    for top, dirs, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(top)
-        if real in visited:
-            dirs[:] = []
-            continue
-        visited.add(real)
-        dirs[:] = sorted(d for d in dirs if not (skip_hidden and d.startswith("."))
-                         and os.path.realpath(os.path.join(top, d)) not in visited)
-        found.extend(Path(top) / n for n in names if not (skip_hidden and n.startswith(".")))
-    return sorted(found)
-
-
-def _glob(pattern: str) -> list[Path]:
-    """Files matching a glob, sorted. '**' crosses folders through the same loop-safe walk as
-    folders (glob.glob would follow a symlink loop until paths grow too long)."""
-    if "**" not in pattern:
-        return [Path(m) for m in sorted(glob.glob(pattern)) if not os.path.isdir(m)]
-    from fledge.data.extract import glob_regex
-    parts = Path(pattern).parts
-    fixed = next(i for i, part in enumerate(parts) if MAGIC.search(part))
-    base = Path(*parts[:fixed]) if fixed else Path(".")
-    if not base.is_dir():
-        return []
-    regex = glob_regex("/".join(parts[fixed:]))
-    found = []
-    for path in _walk(base, skip_hidden=True):
-        if regex.match(path.relative_to(base).as_posix()):
-            found.append(path)
-    return sorted(found, key=str)
+    return [f.path for f in found]
 
 
 def _identity(path: str | Path) -> tuple[str, tuple[int, int] | None]:

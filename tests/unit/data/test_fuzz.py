@@ -38,6 +38,7 @@ EXTRA_BAD = [
     b'{"input": "a", "output": ""}',
     b'{"messages": [{"role": "user", "content": "hi"}]}',
     b"[]",
+    b'\xef\xbb\xbf{"input": "bom-mid-file", "output": "b"}',                    # only line 1 may open with a BOM
 ]
 # elements of a .json array that are bad rows but leave the array readable
 ARRAY_BAD = [k for k in BAD_LINES if k not in ("truncated_json", "trailing_garbage", "not_utf8")]
@@ -62,11 +63,10 @@ def _good(tag: str, i: int) -> dict:
 
 
 def _extra_jsonl(path: Path, rng: random.Random) -> tuple[int, list[int]]:
-    """BOM, CRLF line ends, blank and whitespace-only lines, odd but valid text, and EXTRA_BAD."""
+    """A BOM opening the file, CRLF line ends, blank and whitespace-only lines, odd but valid text, and EXTRA_BAD."""
     good = [json.dumps(_good("extra", i), ensure_ascii=i % 2 == 0).encode() for i in range(12)]
     good.append(json.dumps({"input": "emoji \ud83d\ude00 and \u2028 and \x85", "output": "ok",
                             "text": "t"}).encode())
-    good.append(b"\xef\xbb\xbf" + json.dumps(_good("bom-mid-file", 0)).encode())
     lines: list[tuple[bytes, bool]] = [(g, False) for g in good] + [(b, True) for b in EXTRA_BAD]
     rng.shuffle(lines)
     for _ in range(5):

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
 from badrows import BAD_LINES, DEEP
 
 from fledge.data.records import RowProblem, read_records, scan_file, write_jsonl
-from fledge.data.sources import MAX_DEPTH, Invalid, decode_json, expand_sources, iter_raw_rows, refuse_overwrite
+from fledge.data.sources import Invalid, decode_json, expand_sources, iter_raw_rows, refuse_overwrite
 from fledge.errors import DataError, StorageError
+from fledge.jsonstrict import MAX_DEPTH
 
 GOOD = b'{"input": "q", "output": "a"}'
 
@@ -44,7 +46,10 @@ def test_every_hostile_line_is_an_invalid_row_and_the_next_row_is_read(tmp_path,
     ('{"input": "a", "output": 1e999}', "too large to read"),
     ('{"input": "' + "9" * 5000 + '"}', None),                        # digits inside a string are fine
     ('{"n": ' + "9" * 5000 + "}", "more than 4,300 digits"),
-    ('{"s": "\\ud800"}', "lone surrogate"),
+    ('{"n": -' + "9" * 4300 + "}", None),                               # MAX_DIGITS itself is read
+    ('{"s": "\\ud800"}', "lone surrogate escape (\\ud800 without its pair)"),
+    ('{"\\udfff": 1}', "lone surrogate escape (\\udfff without its pair)"),   # keys too
+    ('\ufeff{"s": 1}', "opens with a byte order mark"),
     ('{"s": "\\ud83d\\ude00"}', None),                                # a proper pair is one character
     ('{"s": "\\\\ud800"}', None),                                     # an escaped backslash, then text
     ("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), "nested more than"),
@@ -161,6 +166,46 @@ def test_a_symlink_loop_is_walked_once(tmp_path):
     assert len(expand_sources([data, data / "a.jsonl", str(data / "*.jsonl")])) == 2
 
 
+def test_the_digit_limit_does_not_depend_on_the_interpreter():
+    old = sys.get_int_max_str_digits()
+    try:
+        sys.set_int_max_str_digits(0)  # unlimited: int() alone would read 5,000 digits
+        assert "more than 4,300 digits" in decode_json("9" * 5000).message
+    finally:
+        sys.set_int_max_str_digits(old)
+
+
+def test_only_the_first_line_may_open_with_a_bom(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD + b"\n\xef\xbb\xbf" + GOOD + b"\n")
+    items = list(iter_raw_rows(path))
+    assert items[0] == (1, {"input": "q", "output": "a"})
+    assert items[1][0] == 2 and "opens with a byte order mark" in items[1][1].message
+
+
+def test_walks_and_globs_follow_the_rules_prepare_follows(tmp_path):
+    data, other = tmp_path / "data", tmp_path / "other"
+    for path in (data / "a.jsonl", data / "sub" / "b.JSONL", other / "x.jsonl", tmp_path / "around.jsonl"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(GOOD + b"\n")
+    for name, target in [("link", other), ("link2", other), ("up", tmp_path)]:
+        (data / name).symlink_to(target)   # each real folder once; never a folder around the walk
+    expected = [data / "a.jsonl", data / "link" / "x.jsonl", data / "sub" / "b.JSONL"]
+    assert expand_sources([data]) == expected
+    assert expand_sources([str(tmp_path / "d*")]) == expected   # a glob's folder match is walked
+    assert expand_sources([str(data / "**")]) == expected
+
+
+def test_a_dangling_symlink_is_refused(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(GOOD + b"\n")
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    for entry in [tmp_path, str(tmp_path / "*.jsonl"), str(tmp_path / "**" / "*.jsonl")]:
+        with pytest.raises(DataError, match=r"gone\.jsonl: a symlink that leads nowhere .*fledge reads only regular"):
+            expand_sources([entry])
+    with pytest.raises(DataError, match=r"no such file: .*gone\.jsonl\."):
+        expand_sources([tmp_path / "gone.jsonl"])
+
+
 def test_an_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("x")
@@ -171,7 +216,8 @@ def test_an_empty_folder_is_an_error(tmp_path):
 def test_a_fifo_is_refused_not_read(tmp_path, no_hang):
     fifo = tmp_path / "rows.jsonl"
     os.mkfifo(fifo)
-    with pytest.raises(DataError, match=r"rows\.jsonl: not a regular file \(a pipe, socket or device\)"):
+    with pytest.raises(DataError, match=r"rows\.jsonl: not a regular file \(a pipe, socket or device\); fledge "
+                                        r"reads only regular files"):
         expand_sources([fifo])
     with pytest.raises(DataError, match="not a regular file"):
         expand_sources([tmp_path])
