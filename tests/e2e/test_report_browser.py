@@ -26,11 +26,19 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 EVIL = "<script>window.__ran = 1</script>"
 
 
+def unavailable(reason: str) -> None:
+    """Skip where no browser was installed; fail in CI, whose .ci/run installs one (a skip there hides a
+    broken install step)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {reason}: .ci/run installs Chromium and the test extra installs playwright")
+    pytest.skip(reason)
+
+
 def chromium() -> str:
     for path in (os.environ.get("FLEDGE_CHROMIUM", ""), *CHROMIUM_PATHS, shutil.which("chromium") or ""):
         if path and Path(path).is_file() and os.access(path, os.X_OK):
             return path
-    pytest.skip("no Chromium found (apt-get install chromium, or set FLEDGE_CHROMIUM to its binary)")
+    unavailable("no Chromium found (apt-get install chromium, or set FLEDGE_CHROMIUM to its binary)")
 
 
 def write_run(tmp_path: Path) -> Path:
@@ -54,8 +62,10 @@ def write_run(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_report_renders_offline_in_chromium(tmp_path):
     executable = chromium()
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install "
-                                                                 "'fledge[test]')")
+    try:
+        import playwright.sync_api as sync_api
+    except ImportError:
+        unavailable("playwright is not installed (pip install 'fledge[test]')")
     run = write_run(tmp_path)
     done = subprocess.run([sys.executable, "-m", "fledge", "report", str(run)], env=ENV, capture_output=True,
                           text=True, timeout=300)
