@@ -1,11 +1,13 @@
-"""`fledge eval`: parsing and printing for scoring generations; the work is in fledge.evaluate.score.
+"""`fledge eval`: parsing and printing; the work is in fledge.evaluate.run (a run generates) and
+fledge.evaluate.score (scoring files of generations).
 
+    fledge eval RUN --data val.jsonl [--baseline RUN2 | --baseline base.jsonl] [--validate dot]...
+                [--target ppl=20]... [--max-new-tokens N] [--batch-size N] [--temperature T] [--seed S]
+                [--label L] [--no-generate] [--allow-code] [--device cpu] [-o OUT_DIR] [--json]
     fledge eval --data val.jsonl --outputs tuned.jsonl [--baseline base.jsonl] [--validate dot]...
                 [--target dot=0.9]... [--field generation] [-o OUT_DIR] [--json]
 
-`register(subparsers)` adds the `eval` verb to the main parser. A positional RUN is reserved
-for `fledge eval RUN --data FILE [--baseline BASE]`, where the run generates its outputs; that
-is not built yet and says so.
+`register(subparsers)` adds the `eval` verb to the main parser.
 """
 
 from __future__ import annotations
@@ -16,12 +18,20 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fledge.errors import FledgeError, RecipeError
+from fledge.errors import RecipeError
 
 EXIT_TARGET_MISSED = 3
 
 EPILOG = """\
-Outputs file: one JSON object per data row, in the same order, with the generated text in
+With RUN: the run (its best checkpoint) computes its loss, perplexity and bits per byte on the data
+rows (answer tokens only for a fine-tune, rendered with its own template), then answers every row
+with a prompt (greedy unless --temperature, stopping at its template's end of turn); the answers are
+scored as below. --baseline is then another run or checkpoint (prompted with the SAME template and
+decoding; a base without a template gets the run's) or a file of fixed outputs. Results go to
+RUN/eval/LABEL/ (LABEL: the data file's stem, or --label). loss, ppl and bpb targets are met at or
+below the value.
+
+With --outputs: one JSON object per data row, in the same order, with the generated text in
 "generation" (or --field): {"generation": "digraph { a -> b }"}. The reference is each data
 row's response (its last assistant turn); any row format of `fledge data` is read.
 
@@ -31,44 +41,71 @@ adherence. Rates come with a Wilson 95% interval; adherence with a bootstrap int
 --baseline, each metric's difference gets a paired bootstrap 95% interval, pass rates an exact
 McNemar p-value, and a sentence in plain words. See docs/evaluation.md.
 
-Writes OUT_DIR/summary.json and OUT_DIR/rows.jsonl (default OUT_DIR: <outputs stem>.eval/ beside
-the outputs file).
+Writes OUT_DIR/summary.json and OUT_DIR/rows.jsonl (default OUT_DIR: RUN/eval/LABEL/ with a run,
+<outputs stem>.eval/ beside the outputs file with --outputs).
 
 Exit status: 0 scored, every target met (or none given); 3 scored, but a target was missed or
 could not be judged; 1 a data or file problem; 2 a bad option."""
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("eval", help="score generations against references: matches, validity, vocabulary; "
-                                           "compare with a baseline (paired bootstrap, McNemar)",
-                              description="Score a file of generations against a data file's references, "
-                                          "optionally against a baseline's generations on the same rows.",
+    p = subparsers.add_parser("eval", help="evaluate a run on held-out rows (loss, perplexity, answers) or score "
+                                           "generations; compare with a baseline (paired bootstrap, McNemar)",
+                              description="Evaluate RUN on a data file's rows: loss, perplexity and bits per byte, "
+                                          "then its answers scored against the references. Or score a file of "
+                                          "generations (--outputs). Either against a baseline on the same rows.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", default=None,
-                   help="a run to generate the outputs with (not built yet: pass --outputs)")
-    p.add_argument("--data", required=True, metavar="FILE", help="data file whose rows were prompted (references)")
-    p.add_argument("--outputs", default=None, metavar="FILE", help="generations, one JSON object per data row")
-    p.add_argument("--baseline", default=None, metavar="FILE",
-                   help="a baseline's generations for the same rows (same shape as --outputs)")
+                   help="a run folder (its best checkpoint) or a checkpoint folder that generates the outputs")
+    p.add_argument("--data", required=True, metavar="FILE", help="data file whose rows are prompted (references)")
+    p.add_argument("--outputs", default=None, metavar="FILE",
+                   help="score these generations instead of a run's: one JSON object per data row")
+    p.add_argument("--baseline", default=None, metavar="RUN_OR_FILE",
+                   help="with RUN: another run or checkpoint, or a file of outputs; with --outputs: a baseline's "
+                        "generations for the same rows")
     p.add_argument("--field", default="generation", metavar="NAME",
                    help="field of the outputs files holding the text (default: generation)")
     p.add_argument("--validate", action="append", default=[], metavar="NAME[:key=value,...]",
                    help="validity rate by this validator: dot, cypher, sql, json, python, regex:pattern=..., "
                         "vocabulary:path=WORDS, or pkg.module:function (repeat)")
     p.add_argument("--target", action="append", default=[], metavar="NAME=VALUE",
-                   help="a threshold to meet, e.g. dot=0.9 or purity=85%% (repeat; see exit status)")
+                   help="a threshold to meet, e.g. dot=0.9, purity=85%%, or with RUN ppl=20 (repeat; see exit status)")
+    run = p.add_argument_group("with RUN")
+    run.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                     help="longest answer in tokens (default: twice the longest reference, plus 16)")
+    run.add_argument("--batch-size", type=int, default=16, metavar="N",
+                     help="prompts of equal length generated together, and rows per loss batch (default: 16)")
+    run.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                     help="0: greedy (default); above 0 samples, reproducibly with --seed")
+    run.add_argument("--label", default=None, metavar="L", help="results go to RUN/eval/L/ (default: the data "
+                                                                "file's stem)")
+    run.add_argument("--no-generate", action="store_true", help="loss, perplexity and bits per byte only")
+    run.add_argument("--allow-code", action="store_true",
+                     help="let a checkpoint's recipe import the model code it names, or run a transformers model's "
+                          "own code (only for checkpoints you trust)")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps, or auto (default: cpu)")
     p.add_argument("-o", "--out-dir", default=None, metavar="DIR",
-                   help="where summary.json and rows.jsonl go (default: <outputs stem>.eval/ beside the outputs)")
-    p.add_argument("--name", default="tuned", help="what the outputs' system is called in the report")
-    p.add_argument("--baseline-name", default="baseline", help="what the baseline is called in the report")
+                   help="where summary.json and rows.jsonl go (default: RUN/eval/LABEL/, or <outputs stem>.eval/ "
+                        "beside the outputs)")
+    p.add_argument("--name", default=None, help="what the run or outputs are called in the report (default: the "
+                                                "run's name, or tuned)")
+    p.add_argument("--baseline-name", default=None, help="what the baseline is called in the report (default: its "
+                                                         "run's name or file stem, or baseline)")
     p.add_argument("--input-field", default=None, metavar="NAME", help="data field holding the input "
                                                                        "(default: detected)")
     p.add_argument("--output-field", default=None, metavar="NAME", help="data field holding the reference "
                                                                         "(default: detected)")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default: 10000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's own generator (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's own generator and, with RUN and "
+                                                       "--temperature, of sampling (default: 0)")
     p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
     p.set_defaults(func=run_eval)
+
+
+# Flags that only mean something when a run generates: (attribute, flag, default).
+RUN_ONLY = (("max_new_tokens", "--max-new-tokens", None), ("batch_size", "--batch-size", 16),
+            ("temperature", "--temperature", 0.0), ("label", "--label", None), ("no_generate", "--no-generate", False),
+            ("allow_code", "--allow-code", False), ("device", "--device", "cpu"))
 
 
 def parse_targets(flags: list[str]) -> dict[str, float]:
@@ -92,17 +129,43 @@ def parse_targets(flags: list[str]) -> dict[str, float]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.run is not None and args.outputs is not None:
+        raise RecipeError(f"fledge eval: RUN and --outputs both given; give RUN ({args.run}) to generate with the "
+                          f"run, or --outputs FILE to score existing generations, not both.")
+    if args.run is None and args.outputs is None:
+        raise RecipeError("fledge eval: nothing to evaluate; give a RUN to generate with (fledge eval runs/NAME --data "
+                          "FILE) or --outputs FILE to score existing generations (one JSON object per data row, text "
+                          "in \"generation\").")
+    if args.resamples < 1:
+        raise RecipeError(f"--resamples {args.resamples}: the bootstrap needs at least 1 resample (e.g. 10000)")
+    result = _evaluate_run(args) if args.run is not None else _score_outputs(args)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
+    else:
+        print(result.format())
+    return 0 if result.targets_met else EXIT_TARGET_MISSED
+
+
+def _evaluate_run(args: argparse.Namespace):
+    from fledge.data.records import FieldMap
+    from fledge.evaluate.run import evaluate_run
+    return evaluate_run(args.run, args.data, validators=args.validate, targets=parse_targets(args.target),
+                        baseline=args.baseline, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        temperature=args.temperature, seed=args.seed, label=args.label, allow_code=args.allow_code,
+                        generate=not args.no_generate, fields=FieldMap(args.input_field or "", args.output_field or ""),
+                        names=(args.name, args.baseline_name), out_dir=args.out_dir, device=args.device,
+                        baseline_field=args.field, resamples=args.resamples)
+
+
+def _score_outputs(args: argparse.Namespace):
     from fledge.data.records import FieldMap
     from fledge.data.sources import refuse_overwrite
     from fledge.evaluate.score import default_out_dir, score_outputs
-    if args.run is not None:
-        raise FledgeError(f"fledge eval {args.run}: generating outputs from a run is not built yet; generate them "
-                          "first and pass --outputs FILE (one JSON object per data row, text in \"generation\").")
-    if args.outputs is None:
-        raise RecipeError("no outputs to score: pass --outputs FILE (one JSON object per data row, text in "
-                          "\"generation\").")
-    if args.resamples < 1:
-        raise RecipeError(f"--resamples {args.resamples}: the bootstrap needs at least 1 resample (e.g. 10000)")
+    given = [flag for attr, flag, default in RUN_ONLY if getattr(args, attr) != default]
+    if given:
+        raise RecipeError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} when a RUN generates; "
+                          f"--outputs scores generations that exist. Drop {'them' if len(given) > 1 else 'it'}, or "
+                          f"give a RUN instead of --outputs.")
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.outputs)
     if out_dir.exists() and not out_dir.is_dir():
         raise RecipeError(f"-o {out_dir} is a file; -o names a folder for summary.json and rows.jsonl.")
@@ -112,10 +175,7 @@ def run_eval(args: argparse.Namespace) -> int:
     result = score_outputs(args.data, args.outputs, field=args.field, validators=args.validate,
                            baseline_file=args.baseline, targets=parse_targets(args.target),
                            fields=FieldMap(args.input_field or "", args.output_field or ""),
-                           names=(args.name, args.baseline_name), resamples=args.resamples, seed=args.seed)
+                           names=(args.name or "tuned", args.baseline_name or "baseline"), resamples=args.resamples,
+                           seed=args.seed)
     result.write(out_dir)
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
-    else:
-        print(result.format())
-    return 0 if result.targets_met else EXIT_TARGET_MISSED
+    return result

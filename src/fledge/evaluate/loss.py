@@ -6,6 +6,9 @@ The validation loss is weighted by target tokens: the sum of every target's loss
 batches and processes, divided by the number of targets. A mean per batch or per row would
 weight a token of a short (or mostly masked) row more than one of a long row.
 
+`row_losses` gives each held-out row's summed loss and target count (for `fledge eval RUN`,
+fledge.evaluate.run), and `bits_per_byte` turns a summed loss into bits per byte of text.
+
 The unigram entropy of the training tokens is the loss of a model that learned only how
 often each token occurs: a language model that ends above it has not learned anything
 about context.
@@ -19,6 +22,8 @@ import math
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from collections.abc import Callable, Sequence
 
 from fledge.errors import FledgeError
 from fledge.train.batches import Batch
@@ -92,3 +97,52 @@ def unigram_entropy(stream: TokenStream, vocab_size: int, max_tokens: int = 50_0
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+@torch.no_grad()
+def row_losses(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]], device="cpu", *, batch_size: int = 16,
+               pad_id: int = 0, on_rows: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
+    """(summed loss in nats, target count) of each row, in order; a row is (ids, shifted labels) with
+    labels[t] = the target after token t, or -100 where nothing is scored (fledge.train.rows).
+
+    Rows are batched by length (longest first, so padding stays small) and right-padded with
+    `pad_id`, which is never a target: causal attention keeps real tokens from seeing padding
+    after them, so a row's losses are those of the row alone. The sums are taken in float64.
+    A model without the keyword forward (an own architecture: forward(idx, targets) -> mean) is
+    called one row at a time. `on_rows(n)` hears about every n rows done."""
+    was_training = model.training
+    model.eval()
+    keyword = takes_reduction(model)
+    out: list[tuple[float, int] | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    size = batch_size if keyword else 1
+    try:
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            width = len(rows[chunk[0]][0])
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for b, i in enumerate(chunk):
+                n = len(rows[i][0])
+                ids[b, :n] = torch.as_tensor(rows[i][0], dtype=torch.long)
+                labels[b, :n] = torch.as_tensor(rows[i][1], dtype=torch.long)
+            counts = (labels != -100).sum(dim=1).tolist()
+            ids, labels = ids.to(device), labels.to(device)
+            if keyword:
+                per_token = model(ids, labels, reduction="none")[1]             # (B, T), 0 where ignored
+                sums = per_token.double().sum(dim=1).tolist()
+            else:
+                sums = [float(summed_loss(model, Batch(ids, labels), False, counts[0])) if counts[0] else 0.0]
+            for i, total, count in zip(chunk, sums, counts):
+                out[i] = (float(total), int(count))
+            if on_rows:
+                on_rows(len(chunk))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def bits_per_byte(loss_sum: float, n_bytes: int) -> float:
+    """Summed loss in nats over the UTF-8 bytes of the text it scored, in bits: loss_sum / (bytes ln 2).
+    Equal to mean token loss x tokens / (bytes x ln 2), and comparable across tokenizers."""
+    return loss_sum / (n_bytes * math.log(2))

@@ -23,6 +23,15 @@ Metrics (every one is a share between 0 and 1, higher is better):
 
 Rates get a Wilson interval; adherence, a mean of words, a bootstrap interval over rows.
 
+With a model (`fledge eval RUN`, fledge.evaluate.run) three more, each lower is better, from
+per-row (summed loss in nats, target tokens, scored bytes):
+- loss: the mean loss per target token, sum of losses / sum of tokens over the rows (token
+  weighted: a long answer counts for its tokens, not as one row);
+- ppl: perplexity, exp(loss);
+- bpb: bits per byte, sum of losses / (sum of UTF-8 bytes of the scored text x ln 2): the same
+  quantity per byte of text instead of per token, so runs with different tokenizers compare.
+Their intervals are bootstrap intervals over rows of the same ratio of sums (ppl: its exp).
+
 Validator flags: `NAME[:key=value,...]`, e.g. `dot`, `sql:dialect=postgres`,
 `vocabulary:path=limn/vocabulary.json,words=["qry","ctx"]`, or a user function
 `pkg.module:function[:key=value,...]`. A comma starts a new option only when `key=` follows
@@ -35,6 +44,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,8 +59,13 @@ from fledge.validators import VALIDATORS, Validator, Verdict
 
 BUILT_IN_METRICS = ("exact_match", "normalized_match")
 VOCABULARY_METRICS = ("purity", "adherence")
+LOSS_METRICS = ("loss", "ppl", "bpb")
 TITLES = {"exact_match": "exact match", "normalized_match": "normalized match", "purity": "purity",
-          "adherence": "adherence"}
+          "adherence": "adherence", "loss": "loss (nats/token)", "ppl": "perplexity", "bpb": "bits per byte"}
+# Column kinds: "rate" (pass/fail per row), "ratio" (a micro average, higher is better), "loss" (a
+# micro average, lower is better) and "perplexity" (exp of a loss). Only rates and ratios are shares.
+LOWER_IS_BETTER_KINDS = ("loss", "perplexity")
+SHARE_KINDS = ("rate", "ratio")
 
 _FLAG = re.compile(r"(?P<name>[A-Za-z_][\w.-]*(?::[A-Za-z_]\w*)?)(?::(?P<options>.*))?", re.DOTALL)
 _OPTION_START = re.compile(r",\s*(?=[A-Za-z_]\w*\s*=)")   # a comma that starts the next key=value
@@ -206,16 +221,44 @@ def score_rows(generations: Sequence[str], references: Sequence[str],
 
 @dataclass
 class Column:
-    """One metric over every row: a pass rate (bool or None per row) or a ratio ((known, total) or None)."""
+    """One metric over every row: a pass rate (bool or None per row), or a ratio, loss or perplexity
+    ((numerator, denominator) or None per row; see the kinds above)."""
 
     name: str
     title: str
-    kind: str                    # "rate" or "ratio"
+    kind: str                    # "rate", "ratio", "loss" or "perplexity"
     values: list
     first_unjudged: str = ""     # the message of the first row that could not be judged
+    denominator: str = ""        # what the denominators count ("tokens", "bytes"), summed in the summary
 
     def judged(self) -> list[int]:
         return [i for i, v in enumerate(self.values) if v is not None]
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind not in LOWER_IS_BETTER_KINDS
+
+    @property
+    def statistic(self):
+        """The bootstrap statistic of a non-rate column: the ratio of sums (perplexity: its exp)."""
+        return exp_ratio_of_sums if self.kind == "perplexity" else ratio_of_sums
+
+
+def exp_ratio_of_sums(values: np.ndarray) -> np.ndarray:
+    """exp(sum of losses / sum of tokens): perplexity, (resamples, rows, 2) -> (resamples,).
+    Past about exp(709) it is infinite (null in JSON), never silently capped."""
+    with np.errstate(over="ignore"):
+        return np.exp(ratio_of_sums(values))
+
+
+def loss_columns(per_row: Sequence[tuple[float, int, int] | None], reason: str = "") -> dict[str, Column]:
+    """loss, ppl and bpb from per-row (summed loss in nats, target tokens, scored bytes); None: not scored
+    (`reason` says why, e.g. longer than the model's window)."""
+    pairs = [None if r is None else (r[0], r[1]) for r in per_row]
+    per_byte = [None if r is None or not r[2] else (r[0] / math.log(2), r[2]) for r in per_row]
+    return {"loss": Column("loss", TITLES["loss"], "loss", pairs, reason, "tokens"),
+            "ppl": Column("ppl", TITLES["ppl"], "perplexity", pairs, reason, "tokens"),
+            "bpb": Column("bpb", TITLES["bpb"], "loss", per_byte, reason, "bytes")}
 
 
 def metric_columns(rows: Sequence[RowScore], validators: Sequence[NamedValidator]) -> dict[str, Column]:
@@ -239,7 +282,8 @@ def _word_counts(verdict: Verdict) -> tuple[int, int] | None:
 
 
 def summarize(column: Column, *, resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
-    """{"value", "lo", "hi", "n", "k" (rates), "kind", "unjudged"}; value None when no row was judged."""
+    """{"value", "lo", "hi", "n", "k" (rates), "tokens" or "bytes" (losses), "kind", "unjudged"}; value
+    None when no row was judged."""
     judged = [column.values[i] for i in column.judged()]
     out: dict[str, Any] = {"value": None, "lo": None, "hi": None, "n": len(judged)}
     if column.kind == "rate":
@@ -248,9 +292,11 @@ def summarize(column: Column, *, resamples: int = 10_000, seed: int = 0, level: 
             out["value"] = out["k"] / len(judged)
             out["lo"], out["hi"] = wilson_interval(out["k"], len(judged), level)
     elif judged:
-        value, lo, hi = bootstrap_interval(np.array(judged, dtype=np.float64), statistic=ratio_of_sums,
+        value, lo, hi = bootstrap_interval(np.array(judged, dtype=np.float64), statistic=column.statistic,
                                            n=resamples, seed=seed, level=level)
         out.update(value=value, lo=lo, hi=hi)
+    if column.denominator:
+        out[column.denominator] = int(sum(v[1] for v in judged))
     out["kind"] = column.kind
     out["unjudged"] = len(column.values) - len(judged)
     return out

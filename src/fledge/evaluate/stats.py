@@ -152,28 +152,47 @@ def compare_sentence(metric: str, tuned: tuple[int, int] | float, baseline: tupl
                      level: float = 0.95, higher_is_better: bool = True) -> str:
     """The comparison in plain words.
 
-    tuned, baseline: (passes, rows) for a pass rate, or a number. A difference is significant when
-    p < alpha, or, with no p-value, when the `interval` of the difference (tuned - baseline, at
-    confidence `level`) leaves out 0. Examples:
+    tuned, baseline: (passes, rows) for a pass rate, or a number. With a p-value (pass rates: the
+    exact McNemar test) the verdict is the test's: significant when p < alpha. Without one, it is
+    the bootstrap's: significant when the `interval` of the difference (tuned - baseline, at
+    confidence `level`) leaves out 0. The two can disagree on the same rows (the percentile
+    bootstrap is approximate, and narrow when few rows differ; the exact test is conservative),
+    so when both are given and they disagree, the sentence says so and that the verdict follows
+    the test; the interval of a pass rate is then read in points (differences of shares x 100).
+    Examples:
         "tuned is better on dot validity: 38/45 vs 16/45, p < 0.001"
         "no significant difference on exact match: 12/45 vs 10/45, p = 0.62"
-        "baseline is better on adherence: 0.61 vs 0.74 (difference -0.13, 95% interval -0.20 to -0.06)"
+        "no significant difference on json validity: 23/30 vs 15/30, p = 0.077; the 95% bootstrap
+         interval of the difference, +3.3 to +50.0 points, leaves out 0, but the verdict follows
+         the exact McNemar test"
+        "baseline is better on adherence: 0.61 vs 0.74 (difference -0.13, 95% bootstrap interval
+         -0.20 to -0.06)"
     """
     if p is None and interval is None:
         raise ValueError("compare_sentence needs a p-value or an interval of the difference")
     a, b = _as_value(tuned), _as_value(baseline)
+    excludes_zero = None
+    if interval is not None and not (math.isnan(interval[0]) or math.isnan(interval[1])):
+        excludes_zero = not (interval[0] <= 0 <= interval[1])
     if p is not None:
         significant, evidence = p < alpha, format_p(p)
     else:
         lo, hi = interval
-        significant = not (lo <= 0 <= hi) and not (math.isnan(lo) or math.isnan(hi))
-        evidence = f"difference {a - b:+.2f}, {level:.0%} interval {lo:+.2f} to {hi:+.2f}"
+        significant = bool(excludes_zero)
+        evidence = f"difference {a - b:+.2f}, {level:.0%} bootstrap interval {lo:+.2f} to {hi:+.2f}"
     values = f"{_show(tuned)} vs {_show(baseline)}"
     values += f", {evidence}" if p is not None else f" ({evidence})"
     if not significant or a == b:
-        return f"no significant difference on {metric}: {values}"
-    better = names[0] if (a > b) == higher_is_better else names[1]
-    return f"{better} is better on {metric}: {values}"
+        sentence = f"no significant difference on {metric}: {values}"
+    else:
+        better = names[0] if (a > b) == higher_is_better else names[1]
+        sentence = f"{better} is better on {metric}: {values}"
+    if p is not None and excludes_zero is not None and excludes_zero != significant:
+        lo, hi = interval
+        sentence += (f"; the {level:.0%} bootstrap interval of the difference, {100 * lo:+.1f} to {100 * hi:+.1f} "
+                     f"points, {'leaves out' if excludes_zero else 'includes'} 0, but the verdict follows the exact "
+                     f"McNemar test")
+    return sentence
 
 
 def _as_value(x: tuple[int, int] | float) -> float:

@@ -145,11 +145,13 @@ def test_field_flag_reads_another_field(json_task, capsys):
     assert json.loads((json_task["dir"] / "o" / "summary.json").read_text())["metrics"]["json"]["k"] == 20
 
 
-def test_a_run_is_reserved_and_outputs_are_required(json_task, capsys):
-    assert main(["eval", "runs/x", "--data", str(json_task["data"])]) == 1
-    assert "generating outputs from a run is not built yet" in capsys.readouterr().err
+def test_a_run_or_outputs_is_required_and_not_both(json_task, capsys):
     assert main(["eval", "--data", str(json_task["data"])]) == 2
-    assert "pass --outputs FILE" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "give a RUN to generate with" in err and "--outputs FILE" in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", "runs/x", "--data", str(json_task["data"]), "--outputs", str(json_task["tuned"])]) == 2
+    err = capsys.readouterr().err
+    assert "RUN and --outputs" in err and len(err.strip().splitlines()) == 1
 
 
 # --- user 3's DOT case: real data, real Graphviz -------------------------------------------------
@@ -213,7 +215,7 @@ def test_vocabulary_comparison_uses_the_bootstrap(tmp_path):
     adherence = next(c for c in result.comparisons if c["metric"] == "adherence")
     assert (adherence["diff"], adherence["lo"], adherence["hi"], adherence["p_value"]) == (0.5, 0.5, 0.5, None)
     assert adherence["sentence"] == ("tuned is better on adherence: 1.00 vs 0.50 "
-                                     "(difference +0.50, 95% interval +0.50 to +0.50)")
+                                     "(difference +0.50, 95% bootstrap interval +0.50 to +0.50)")
 
 
 @pytest.mark.parametrize("text, normal", [

@@ -161,6 +161,26 @@ def test_compare_sentence_wording():
     assert compare_sentence("json validity", (5, 20), (18, 20), 0.0002, names=("lora", "base")) == \
         "base is better on json validity: 5/20 vs 18/20, p < 0.001"
     assert compare_sentence("adherence", 0.91, 0.74, interval=(0.1, 0.24)) == \
-        "tuned is better on adherence: 0.91 vs 0.74 (difference +0.17, 95% interval +0.10 to +0.24)"
+        "tuned is better on adherence: 0.91 vs 0.74 (difference +0.17, 95% bootstrap interval +0.10 to +0.24)"
     assert compare_sentence("adherence", 0.75, 0.74, interval=(-0.02, 0.04)).startswith("no significant difference")
     assert [format_p(p) for p in (0.00099, 0.049, 0.62, 1.0)] == ["p < 0.001", "p = 0.049", "p = 0.62", "p = 1"]
+
+
+def test_the_report_authors_case_23_of_30_vs_15_of_30_says_both_and_follows_mcnemar():
+    """Tuned only right on 12 rows, the baseline only on 4: the bootstrap interval of the difference
+    leaves out 0 while the exact test gives p = 0.077. The sentence keeps McNemar's verdict and says
+    that the interval disagrees, so the table and the sentence never contradict each other silently."""
+    a, b = pairs(11, 12, 4, 3)
+    assert (sum(a), sum(b), len(a)) == (23, 15, 30)
+    _, _, p = mcnemar_exact(a, b)
+    assert p == pytest.approx(2 * (1 + 16 + 120 + 560 + 1820) / 2 ** 16)       # 0.0768
+    # The lower bound sits on 0 (seeds 0 and 1) or just above it (+3.3 points, seeds 2 to 7).
+    diff, lo, hi = paired_bootstrap(np.array(a, float), np.array(b, float), seed=2)
+    assert lo > 0                                                              # the interval leaves out 0
+    sentence = compare_sentence("json validity", (23, 30), (15, 30), p, interval=(lo, hi))
+    assert sentence.startswith("no significant difference on json validity: 23/30 vs 15/30, p = 0.077; the 95% "
+                               "bootstrap interval of the difference, +")
+    assert sentence.endswith("points, leaves out 0, but the verdict follows the exact McNemar test")
+    # When both agree, the sentence stays short.
+    assert compare_sentence("json validity", (18, 20), (5, 20), 0.0002, interval=(0.4, 0.85)) == \
+        "tuned is better on json validity: 18/20 vs 5/20, p < 0.001"
