@@ -250,6 +250,14 @@ def _percent(value: Any) -> str:
     return "n/a" if not isinstance(value, (int, float)) else f"{100 * value:.1f}%"
 
 
+SHARES = ("rate", "ratio")   # metric kinds that are shares (shown in %); losses and perplexities are plain numbers
+
+
+def _value(value: Any, kind: str | None) -> str:
+    """A metric value as its kind reads: a share in %, a loss or perplexity as a number."""
+    return _percent(value) if kind in SHARES or kind is None else _number(value)
+
+
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d1d1f;margin:0;background:#f6f6f4}
 main{max-width:980px;margin:0 auto;padding:20px 24px 60px}
@@ -497,9 +505,10 @@ def _sample_table(row: dict) -> Html:
 def evaluation_section(run: Run) -> str:
     if not run.evaluations:
         return section("evaluation", para(
-            f"no evaluation yet: run fledge eval --data VAL.jsonl --outputs OUTPUTS.jsonl -o "
-            f"{run.folder / EVAL_DIR / 'LABEL'} (add --baseline BASE.jsonl and --target NAME=VALUE to compare and "
-            f"judge), then fledge report {run.folder} again; or pass --eval DIR.", "empty"))
+            f"no evaluation yet: run fledge eval {run.folder} --data VAL.jsonl (add --baseline BASE_RUN and "
+            f"--target NAME=VALUE to compare and judge; it writes {run.folder / EVAL_DIR}/LABEL/), then fledge "
+            f"report {run.folder} again. Outputs made elsewhere: fledge eval --data VAL.jsonl --outputs "
+            f"OUTPUTS.jsonl -o {run.folder / EVAL_DIR / 'LABEL'}.", "empty"))
     return section("evaluation", *(_evaluation_html(e) for e in run.evaluations))
 
 
@@ -514,18 +523,20 @@ def _evaluation_html(ev: Evaluation) -> Html:
     parts = [head, para(f"{_number(s.get('n_rows'))} rows of {s.get('data')}: {who}")]
     base = s.get("baseline_metrics") or {}
     head_row = ["metric", f"{names[0]} [{level} interval]"] + ([f"{names[1]} [{level} interval]"] if base else [])
-    parts.append(table(head_row, [[name, _metric_cell(m)] + ([_metric_cell(base.get(name))] if base else [])
+    parts.append(table(head_row, [[m.get("title") or name, _metric_cell(m)]
+                                  + ([_metric_cell(base.get(name))] if base else [])
                                   for name, m in s["metrics"].items()], "metrics"))
     targets = s.get("targets") or {}
     if targets:
         met = sum(t.get("met") is True for t in targets.values())
         parts.append(Html(f"<h3>Targets: {met} of {len(targets)} met</h3>"))
-        parts.append(table(["metric", "target", "value", "verdict"], [_target_row(n, t) for n, t in targets.items()],
-                           "targets"))
+        kinds = {name: m.get("kind") for name, m in s["metrics"].items()}
+        parts.append(table(["metric", "target", "value", "verdict"],
+                           [_target_row(n, t, t.get("kind") or kinds.get(n)) for n, t in targets.items()], "targets"))
     comparisons = s.get("comparisons") or []
     if comparisons:
         parts.append(Html(f"<h3>{esc(names[0])} against {esc(names[1])}</h3>"))
-        parts.append(table(["metric", f"difference, points [{level}]", "p"],
+        parts.append(table(["metric", f"difference (shares in points) [{level}]", "p"],
                            [[c.get("metric"), _difference(c), _p(c.get("p_value"))] for c in comparisons],
                            "comparisons"))
         parts.append(Html('<ul class="sentences">' + "".join(f"<li>{esc(c.get('sentence', ''))}</li>"
@@ -544,22 +555,25 @@ def _metric_cell(m: dict | None) -> str:
         return f"n/a ({m.get('unjudged', 0)} unjudged)"
     counts = f"{m['k']}/{m['n']} " if "k" in m else f"n={m.get('n')} "
     unjudged = f" +{m['unjudged']} unjudged" if m.get("unjudged") else ""
-    return f"{counts}{_percent(m['value'])} [{_percent(m.get('lo'))}, {_percent(m.get('hi'))}]{unjudged}"
+    kind = m.get("kind")
+    return f"{counts}{_value(m['value'], kind)} [{_value(m.get('lo'), kind)}, {_value(m.get('hi'), kind)}]{unjudged}"
 
 
-def _target_row(name: str, t: dict) -> list:
+def _target_row(name: str, t: dict, kind: str | None = None) -> list:
     sign = ">=" if t.get("direction", "higher") == "higher" else "<="
     met = t.get("met")
     verdict = {True: ("met", "met"), False: ("MISSED", "missed")}.get(met, ("not judged (no row judged)",
                                                                              "unjudged"))
-    return [name, f"{sign} {_percent(t.get('target'))}", _percent(t.get("value")),
+    return [name, f"{sign} {_value(t.get('target'), kind)}", _value(t.get("value"), kind),
             Html(f'<span class="{verdict[1]}">{esc(verdict[0])}</span>')]
 
 
 def _difference(c: dict) -> str:
     if c.get("diff") is None:
         return "n/a"
-    return f"{100 * c['diff']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]"
+    if c.get("kind") in SHARES or c.get("kind") is None:
+        return f"{100 * c['diff']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]"
+    return f"{c['diff']:+.4g} [{c['lo']:+.4g}, {c['hi']:+.4g}]"
 
 
 def _p(p: Any) -> str:
