@@ -2,8 +2,11 @@
 
     fledge quickstart                      # train a small model on Python's own source, no data needed
     fledge prepare RECIPE [--set k=v]      # corpus -> tokenizer -> token shards
-    fledge train RECIPE [--resume]         # prepare (reusing what is unchanged), then train (torchrun: N processes)
-    fledge sample RUN --prompt "..."       # generate from a run's best checkpoint
+    fledge train RECIPE [--resume]         # prepare (reusing what is unchanged), then train (torchrun: N processes);
+                                           # with model.base: fine-tune on data.rows, or continue pretraining
+    fledge sample RUN --prompt "..."       # generate from a run's best checkpoint (in its chat template)
+    fledge chat RUN                        # talk to a fine-tuned run, turn by turn
+    fledge merge RUN [-o DIR]              # fold a run's adapters into full weights (runs/<name>/merged/)
     fledge env                             # devices, precision, threads, versions, matmul peak
     fledge recipe keys | check RECIPE      # every recipe key with its default and help; validate a recipe
     fledge data extract|pairs|synth|check|split|merge   # shape and check training data
@@ -115,31 +118,54 @@ def build_parser() -> argparse.ArgumentParser:
                                      "torchrun --nproc_per_node N -m fledge train RECIPE")
     p.add_argument("recipe", help="YAML recipe")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="drop rows that are not valid records and report them (sets data.on_bad_row=skip)")
+    p.add_argument("--allow-code", action="store_true",
+                   help="let a fledge base's saved recipe import the module its model.arch names (importing runs "
+                        "that module's code: only for bases you trust)")
     _add_overrides(p)
     _add_common(p)
     p.set_defaults(func=_train)
 
-    p = verbs.add_parser("sample", help="generate text from a run or checkpoint")
+    p = verbs.add_parser("sample", help="generate text from a run or checkpoint",
+                         description="Generate from a run's best checkpoint. A fine-tune's prompts are rendered "
+                                     "with its chat template and the answer is printed; --raw continues text.")
     p.add_argument("run", help="run folder (uses its best checkpoint) or a checkpoint folder")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (recipe's sample default)")
-    p.add_argument("--temperature", type=float, default=None, help="0 for greedy")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0: off")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass; 1: off")
+    p.add_argument("--prompt", default=None, help="the question (fine-tunes) or text to continue")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="prompts, one per line; or a .jsonl file (.json array) of objects with \"prompt\" or "
+                        "\"messages\"")
+    p.add_argument("--raw", action="store_true", help="no chat template: continue BOS + the prompt text")
+    p.add_argument("--system", default=None, help="system prompt instead of the run's template.system (\"\": none)")
+    _add_sampling(p)
     p.add_argument("--num-samples", type=int, default=1, help="independent samples")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same text")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps, or auto (cuda > mps > cpu)")
-    p.add_argument("--allow-code", action="store_true",
-                   help="let the checkpoint's recipe import the module its model.arch names (importing runs "
-                        "that module's code: only for checkpoints you trust)")
     p.set_defaults(func=_sample)
+
+    p = verbs.add_parser("chat", help="talk to a fine-tuned run in its chat template (/reset, /exit)",
+                         description="Chat with a fine-tuned run: every turn is rendered with the run's chat "
+                                     "template. /reset clears the conversation, /exit or Ctrl-D ends, Ctrl-C stops "
+                                     "an answer.")
+    p.add_argument("run", help="run folder (uses its best checkpoint) or a checkpoint folder")
+    p.add_argument("--system", default=None, help="system prompt instead of the run's template.system (\"\": none)")
+    _add_sampling(p)
+    p.set_defaults(func=_chat)
+
+    p = verbs.add_parser("merge", help="fold a run's adapters into full weights (a folder transformers loads)")
+    p.add_argument("run", help="run folder (uses its best checkpoint) or an adapter checkpoint folder")
+    p.add_argument("-o", "--out", default=None, metavar="DIR", help="output folder (default: runs/<name>/merged)")
+    p.add_argument("--allow-code", action="store_true", help=ALLOW_CODE_HELP)
+    p.set_defaults(func=_merge)
 
     from fledge.data.commands import register as register_data_commands
     register_data_commands(verbs)
+    from fledge.evaluate.commands import register as register_eval_commands
+    register_eval_commands(verbs)
 
     p = verbs.add_parser("env", help="devices, precision, threads, library versions, measured matmul peak")
     p.add_argument("--no-measure", action="store_true", help="skip the matmul measurement")
     p.set_defaults(func=_env)
+    from fledge.report import register as register_report
+    register_report(verbs)
 
     p = verbs.add_parser("recipe", help="list recipe keys, or validate a recipe")
     sub = p.add_subparsers(title="recipe commands", metavar="ACTION")
@@ -181,9 +207,15 @@ def _quickstart(args) -> int:
 
 
 def _prepare(args) -> int:
+    from fledge.model.bases import resolve_base_tokenizer
     from fledge.prepare import prepare
     from fledge.recipe import load_recipe
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = resolve_base_tokenizer(load_recipe(args.recipe, args.overrides))   # continued pretraining: the base's
+    if recipe.data.rows:
+        from fledge.errors import RecipeError
+        raise RecipeError(f"{args.recipe}: data.rows are read by `fledge train` itself, which prints what it read "
+                          f"before training (`fledge data check` checks rows). `fledge prepare` prepares the "
+                          f"corpus of data.sources.")
     manifest = prepare(recipe, progress=not args.quiet)
     splits = manifest["splits"]
     print(f"prepared {recipe.prepared_path}: {splits['train']['tokens']:,} train tokens, "
@@ -192,38 +224,100 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
+    from fledge.model.bases import resolve_base_tokenizer
     from fledge.recipe import load_recipe
     from fledge.train import prepare_data, train
-    recipe = load_recipe(args.recipe, args.overrides)
-    prepare_data(recipe, progress=not args.quiet)
-    result = train(recipe, resume=args.resume, progress=not args.quiet)
+    overrides = args.overrides + (["data.on_bad_row=skip"] if args.skip_invalid else [])
+    recipe = load_recipe(args.recipe, overrides)
+    if not recipe.data.rows:    # a corpus (train reads rows itself); continued pretraining: the base's tokenizer
+        prepare_data(resolve_base_tokenizer(recipe, allow_code=args.allow_code), progress=not args.quiet)
+    result = train(recipe, resume=args.resume, progress=not args.quiet, allow_code=args.allow_code)
     return 130 if result.interrupted else 0
 
 
+ALLOW_CODE_HELP = ("let the checkpoint's recipe import the module its model.arch names, or run its transformers "
+                   "model's own code (this runs that code: only for checkpoints you trust)")
 SAMPLE_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
                 "top_p": "--top-p", "num_samples": "--num-samples", "seed": "--seed", "device": "--device"}
 
 
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (recipe's sample default)")
+    p.add_argument("--temperature", type=float, default=None, help="0 for greedy")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0: off")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass; 1: off")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same text")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps, or auto (cuda > mps > cpu)")
+    p.add_argument("--allow-code", action="store_true", help=ALLOW_CODE_HELP)
+
+
+def _load_to_sample(args, verb: str):
+    """(loaded checkpoint, sample config, options) with every bad option named by its flag before loading."""
+    from fledge.sample import inference_device, load_for_inference, sample_config, sample_options
+    values = {key: getattr(args, key, None) for key in SAMPLE_FLAGS}
+    options = sample_options(values, SAMPLE_FLAGS, f"fledge {verb}")
+    loaded = load_for_inference(args.run, inference_device(options.device), allow_code=args.allow_code)
+    return loaded, sample_config(loaded.recipe, options, values), options
+
+
 def _sample(args) -> int:
-    from fledge.sample import sample, sample_options
-    values = {key: getattr(args, key) for key in SAMPLE_FLAGS}
-    sample_options(values, SAMPLE_FLAGS, "fledge sample")     # every bad option named by its flag, first
-    stream = args.num_samples == 1
-    started = False
+    from fledge.errors import RecipeError
+    from fledge.sample import generate_from, read_prompts
+    if args.prompt is not None and args.prompts_file:
+        raise RecipeError("fledge sample: give --prompt or --prompts-file, not both")
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt or ""]
+    loaded, config, options = _load_to_sample(args, "sample")
+    raw = args.raw or loaded.template is None
+    stream = options.num_samples == 1
+    for prompt in prompts:
+        if len(prompts) > 1:
+            print(f"=== {_one_line(prompt)}")
+        # a continuation is shown after its prompt, an answer alone; the prompt only once generation
+        # starts, so that an error about it stands alone
+        lead = prompt if raw and isinstance(prompt, str) else ""
+        started = []
 
-    def show(i: int, piece: str) -> None:
-        nonlocal started
-        if not started:     # the prompt only once the model has loaded, so an error stands alone
-            print(args.prompt, end="")
-            started = True
-        print(piece, end="", flush=True)
+        def show(i: int, piece: str) -> None:
+            if not started:
+                print(lead, end="")
+                started.append(True)
+            print(piece, end="", flush=True)
 
-    texts = sample(args.run, args.prompt, **values, allow_code=args.allow_code, on_text=show if stream else None)
-    if stream:
-        print(("" if started else args.prompt) + "\n", end="")
-        return 0
-    for i, text in enumerate(texts):
-        print(f"--- sample {i + 1}\n{args.prompt}{text}")
+        texts = generate_from(loaded, prompt, config, raw=args.raw, system=args.system,
+                              num_samples=options.num_samples, seed=options.seed, on_text=show if stream else None)
+        if stream:
+            print("" if started else lead)
+            continue
+        for i, text in enumerate(texts):
+            print(f"--- sample {i + 1}\n{lead}{text}")
+    return 0
+
+
+def _one_line(prompt, width: int = 100) -> str:
+    """A prompt (text or messages) as one header line: its last user text, newlines shown as \\n."""
+    text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _chat(args) -> int:
+    from fledge.chat import chat
+    loaded, config, options = _load_to_sample(args, "chat")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    chat(loaded, config, system=args.system, seed=options.seed, prompt="> " if interactive else "")
+    return 0
+
+
+def _merge(args) -> int:
+    from fledge.merge import merge
+    folder = merge(args.run, args.out, allow_code=args.allow_code)
+    print(f"{folder}: full weights with the run's tokenizer and template; they load with fledge sample/chat, "
+          f"transformers' AutoModelForCausalLM.from_pretrained, and as model.base of another fine-tune")
     return 0
 
 

@@ -157,12 +157,20 @@ def _first_id(hf, names: tuple[str, ...]) -> int | None:
 # --- loading ------------------------------------------------------------------------------
 
 def find_tokenizer_file(directory: str | Path) -> Path:
-    """The tokenizer file in a prepared folder (tokenizer.json or tokenizer.model)."""
+    """The fledge tokenizer file in a folder (tokenizer.json or tokenizer.model).
+
+    A checkpoint of a fine-tune keeps fledge's tokenizer.model beside the tokenizer.json and
+    tokenizer_config.json written for transformers (a conversion of it, with added tokens): with a
+    tokenizer_config.json present, tokenizer.model is the fledge file. Without one, a folder
+    holding both is ambiguous and refused.
+    """
     directory = Path(directory)
     names = sorted(set(Tokenizer.file_names.values()))
     found = [directory / n for n in names if (directory / n).is_file()]
     if len(found) == 1:
         return found[0]
+    if found and (directory / "tokenizer_config.json").is_file():
+        return directory / "tokenizer.model"
     if found:
         raise TokenizerError(f"{directory}: holds both {' and '.join(names)}; delete the one you do not use.")
     have = sorted(p.name for p in directory.iterdir())[:12] if directory.is_dir() else []

@@ -395,6 +395,10 @@ def load_adapter(base_model: nn.Module, folder: str | Path, *, trainable: bool =
     rows = input_embedding(_peft_target(base_model)).weight.shape[0]
     if needed > rows:
         resize_vocab(base_model, needed)
+    if trainable and is_quantized(base_model):      # as apply_method prepares a QLoRA base, so a resume is exact
+        from peft import prepare_model_for_kbit_training
+        prepare_model_for_kbit_training(_peft_target(base_model), use_gradient_checkpointing=False)
+        keep_trainable(_peft_target(base_model))
     peft_model = _attach(_peft_target(base_model), config, state)
     if isinstance(base_model, TransformersLM):
         base_model.hf = peft_model

@@ -292,6 +292,9 @@ def load_base(recipe: Recipe, device="cpu", *, allow_code: bool = False) -> tupl
         model_config = _model_config_of(hf_config)
         tokenizer_config = TokenizerConfig()
     problems = _contradictions(recipe, model_config, tokenizer_config, where if saved is not None else None)
+    if len(problems) == 1:
+        raise RecipeError(f"model.base {name}: the recipe contradicts the base, whose architecture and tokenizer "
+                          f"a fine-tune inherits ({problems[0]}). Remove that key from the recipe.")
     if problems:
         raise RecipeError(f"model.base {name}: the recipe contradicts the base, whose architecture and tokenizer "
                           f"a fine-tune inherits. Remove these keys from the recipe:\n"
@@ -307,6 +310,65 @@ def load_base(recipe: Recipe, device="cpu", *, allow_code: bool = False) -> tupl
     resolved = dataclasses.replace(recipe, model=model_config, tokenizer=tokenizer_config)
     resolved.given = recipe.given
     return base, resolved
+
+
+def resolve_base_tokenizer(recipe: Recipe, *, allow_code: bool = False) -> Recipe:
+    """Continued pretraining (data.sources with model.base): the recipe with tokenizer.path (and kind)
+    set to the base's tokenizer file, so `fledge prepare` tokenizes the corpus as the base reads
+    text. Any other recipe, or one that sets tokenizer.path itself (load_base checks it against the
+    base), comes back as it is. RecipeError when fledge cannot read the base's tokenizer."""
+    if not recipe.model.base or not recipe.data.sources or "tokenizer.path" in recipe.given:
+        return recipe
+    where, saved, _ = _locate(recipe.model.base, recipe.model.trust_remote_code, allow_code)
+    file, why = _readable_tokenizer(Path(where), fledge=saved is not None)
+    if file is None:
+        raise RecipeError(f"model.base {recipe.model.base!r} with data.sources: continued pretraining tokenizes the "
+                          f"corpus with the base's tokenizer, and {why}. Fine-tune on rows (data.rows) instead, or "
+                          f"name a base whose tokenizer.json is a BPE or WordLevel file with BOS and EOS tokens.")
+    from fledge.tokenizer import load_tokenizer
+    kind = load_tokenizer(file).kind
+    resolved = dataclasses.replace(recipe, tokenizer=dataclasses.replace(recipe.tokenizer, path=str(file), kind=kind))
+    resolved.given = recipe.given
+    return resolved
+
+
+def base_tokenizer_file(base: Base) -> Path | None:
+    """The base's tokenizer as a file fledge's own tokenizer reads (for corpus shards), or None."""
+    return _readable_tokenizer(base.path, fledge=base.kind == "fledge")[0]
+
+
+def _readable_tokenizer(folder: Path, *, fledge: bool) -> tuple[Path | None, str]:
+    """(fledge tokenizer file of a base folder, "") or (None, why there is none)."""
+    from fledge.errors import FledgeError
+    from fledge.tokenizer import find_tokenizer_file, load_tokenizer
+    if not folder.is_dir():
+        return None, "the base is not a local folder"
+    try:
+        file = find_tokenizer_file(folder) if fledge else folder / "tokenizer.json"
+        if not file.is_file():
+            return None, f"{folder} has no tokenizer.json"
+        load_tokenizer(file)
+    except FledgeError as e:
+        return None, f"fledge cannot read its tokenizer ({_first_line(e)})"
+    return file, ""
+
+
+def base_sha256(base: Base) -> str | None:
+    """A hash of the base's weights, to refuse adapters on a base that changed: of a fledge
+    checkpoint's integrity.json (which holds its files' hashes) or model.safetensors, of a
+    transformers folder's weight files; None for a hub id (not a folder here)."""
+    from fledge.train.checkpoint import INTEGRITY, WEIGHTS, _sha256_file
+    folder = Path(base.path)
+    if not folder.is_dir():
+        return None
+    if base.kind == "fledge":
+        files = [folder / INTEGRITY] if (folder / INTEGRITY).is_file() else [folder / WEIGHTS]
+    else:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt"))
+    sha = hashlib.sha256()
+    for file in files:
+        sha.update(f"{file.name}\0{_sha256_file(file)}\n".encode())
+    return sha.hexdigest()
 
 
 def _locate(name: str, trust: bool, allow_code: bool):

@@ -5,7 +5,7 @@
                             names) only the first is stored, and the metadata key "fledge.aliases"
                             maps each omitted name to it (transformers re-ties the llama head itself)
         config.json         a transformers config (fledge's llama arch: LlamaForCausalLM loads the folder),
-                            written by `write_transformers_files` when the model has one
+                            written by `fledge.export.hf.write_transformers_files` when the model has one
         optimizer.pt        optimizer state (tensors and numbers only: loads with weights_only=True)
         rng.pt              torch RNG states (dropout) of the saving process
         state.json          a `TrainingState`: step, losses, best-so-far, the tokenizer's sha256, format
@@ -13,9 +13,17 @@
         tokenizer.json | tokenizer.model
         integrity.json      size and sha256 of every other file; written last
 
+A fine-tune's checkpoint (fledge.train.finetune decides what goes in) also holds the
+transformers files of the fine-tune's tokenizer and chat template (tokenizer.json with any
+added tokens, tokenizer_config.json, chat_template.jinja, generation_config.json); a LoRA or
+QLoRA one holds adapter_model.safetensors and adapter_config.json INSTEAD of model.safetensors,
+and state.json's base_sha256 names the base the adapters belong to.
+
 The caller decides what the weights are (`save_checkpoint(weights=...)`: a whole model's
-tensors, or only an adapter's) and may add files through `extra_files(folder)`; every file
-in the folder is listed in integrity.json.
+tensors, or None when `extra_files(folder)` writes an adapter instead) and may add files
+through `extra_files`; they are written after the fledge tokenizer file, so a tokenizer.json
+they write (the fine-tune's, with added tokens) is the one kept. Every file in the folder is
+listed in integrity.json.
 
 A checkpoint is written to a hidden `.step-000400.tmp` folder, marked as fledge's by a
 `.fledge-partial` file, and renamed when complete, so a kill at any moment leaves the
@@ -61,10 +69,13 @@ INTEGRITY = "integrity.json"
 PARTIAL = ".fledge-partial"        # first file of a temp folder: fledge made it and may delete it
 FORMAT = 2                         # state.json "format"; 2 and later always carry integrity.json
 ALIASES_KEY = "fledge.aliases"     # safetensors metadata: {omitted name: stored name it shares memory with}
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"   # peft's names
 TRAINING_FILES = ("optimizer.pt", "rng.pt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-REQUIRED = (WEIGHTS, *TRAINING_FILES, "state.json", "recipe.yaml")
-KNOWN_FILES = {*REQUIRED, *TOKENIZER_FILES, "config.json", INTEGRITY, PARTIAL}
+REQUIRED = (*TRAINING_FILES, "state.json", "recipe.yaml")      # and the weights: WEIGHTS or ADAPTER_WEIGHTS
+TRANSFORMERS_FILES = ("config.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+KNOWN_FILES = {*REQUIRED, WEIGHTS, ADAPTER_WEIGHTS, ADAPTER_CONFIG, *TOKENIZER_FILES, *TRANSFORMERS_FILES,
+               INTEGRITY, PARTIAL}
 WRITE_TEMP = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]+\.tmp$")   # fledge.files.temp_path names
 
 _noted: set[str] = set()
@@ -87,6 +98,7 @@ class TrainingState:
     elapsed_s: float = 0.0                      # training time of the run so far, in seconds
     vocab_size: int | None = None
     tokenizer_sha256: str | None = None
+    base_sha256: str | None = None              # adapters: the base they belong to (fledge.model.bases.base_sha256)
     format: int = FORMAT                        # of the checkpoint that holds it (1: before "format" existed)
 
     def to_json(self) -> dict:
@@ -114,7 +126,8 @@ _STATE_TYPES = {"step": (int,), "val_loss": (*_NUMBER, type(None)), "best_val_lo
                 "best_step": (int, type(None)), "first_val_loss": (*_NUMBER, type(None)),
                 "first_train_loss": (*_NUMBER, type(None)), "train_loss": (*_NUMBER, type(None)),
                 "evals_without_improvement": (int,), "elapsed_s": _NUMBER, "vocab_size": (int, type(None)),
-                "tokenizer_sha256": (str, type(None)), "format": (int,)}
+                "tokenizer_sha256": (str, type(None)), "base_sha256": (str, type(None)),
+                "format": (int,)}
 
 
 def checkpoint_name(step: int) -> str:
@@ -191,6 +204,10 @@ def checkpoint_problem(checkpoint: Path, names: Iterable[str] | None = None) -> 
     if files is None:
         return _legacy_problem(checkpoint, names)
     listed = [n for n in REQUIRED if n not in files]
+    if WEIGHTS not in files and ADAPTER_WEIGHTS not in files:
+        listed.append(f"the weights ({WEIGHTS} or {ADAPTER_WEIGHTS})")
+    elif ADAPTER_WEIGHTS in files and ADAPTER_CONFIG not in files:
+        listed.append(ADAPTER_CONFIG)
     if not any(n in files for n in TOKENIZER_FILES):
         listed.append("a tokenizer file")
     if listed:
@@ -275,8 +292,8 @@ def _file_problem(checkpoint: Path, name: str, entry: dict, data: bytes | None =
 
 def _legacy_problem(checkpoint: Path, names: Iterable[str] | None) -> str | None:
     """What can be checked without an integrity record: files present, tokenizer against state.json."""
-    wanted = set(REQUIRED if names is None else names)
-    for name in REQUIRED:
+    wanted = set((WEIGHTS, *REQUIRED) if names is None else names)
+    for name in (WEIGHTS, *REQUIRED):       # older checkpoints always hold whole weights
         if name in wanted and not (checkpoint / name).is_file():
             return f"{name} is missing"
     tokenizers = [checkpoint / n for n in TOKENIZER_FILES if (checkpoint / n).is_file()]
@@ -337,20 +354,22 @@ def write_weights(tensors: dict[str, torch.Tensor], path: Path, aliases: dict[st
     write_atomic(path, safetensors.torch.save(tensors, metadata=metadata))
 
 
-def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor] | torch.nn.Module,
+def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor] | torch.nn.Module | None,
                     optimizer: torch.optim.Optimizer, state: TrainingState | dict, recipe_yaml: str,
-                    tokenizer_file: Path, hf_config: dict | None = None, keep_last: int = 2, *,
+                    tokenizer_file: Path | None, hf_config: dict | None = None, keep_last: int = 2, *,
                     aliases: dict[str, str] | None = None,
                     extra_files: Callable[[Path], object] | None = None) -> Path:
     """Write checkpoint `step`; on a full disk raise StorageError with the earlier ones untouched.
 
     weights: the tensors model.safetensors holds, as the caller chose them (a whole model's
-    `weights_to_save`, or only an adapter's), with `aliases` {left-out name: stored name} for
-    tensors that share memory; a module stands for its `weights_to_save`. hf_config: the
+    `weights_to_save`), with `aliases` {left-out name: stored name} for tensors that share
+    memory; a module stands for its `weights_to_save`; None writes no model.safetensors (an
+    adapter run: `extra_files` writes adapter_model.safetensors). tokenizer_file: fledge's
+    tokenizer file, copied first (None: `extra_files` writes the tokenizer). hf_config: the
     transformers config.json of the model, or None. extra_files(folder) writes further files
     into the unfinished checkpoint folder (transformers tokenizer files and chat template, an
-    adapter's config); they are listed in integrity.json like the rest. state: a TrainingState
-    (a dict is read as one)."""
+    adapter); written after the tokenizer file, so theirs win, and listed in integrity.json
+    like the rest. state: a TrainingState (a dict is read as one)."""
     root = Path(run_dir) / "checkpoints"
     final = root / checkpoint_name(step)
     state = TrainingState.from_json({"format": FORMAT, **state}) if isinstance(state, dict) else state
@@ -358,7 +377,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor] |
     if isinstance(weights, torch.nn.Module):
         tensors, aliases = weights_to_save(weights)
     else:
-        tensors, aliases = weights, aliases or {}
+        tensors, aliases = weights or {}, aliases or {}
     _refuse_non_finite(final, state, tensors)
     tmp = root / f".{final.name}.tmp"
     created = False
@@ -371,12 +390,18 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor] |
             (tmp / PARTIAL).touch()      # an empty marker, no content to lose: a plain create is atomic
         except OSError as e:
             raise storage_error(e, tmp) from None
-        write_weights(tensors, tmp / WEIGHTS, aliases)
+        if weights is not None:
+            write_weights(tensors, tmp / WEIGHTS, aliases)
+        if tokenizer_file is not None:
+            _copy_tokenizer(Path(tokenizer_file), tmp)
         if hf_config is not None:
+            from fledge.export.hf import write_transformers_files
             write_transformers_files(tmp, hf_config=hf_config, tokenizer=None, template=None)
         if extra_files is not None:
             extra_files(tmp)
-        _write_rest(tmp, optimizer, state, recipe_yaml, Path(tokenizer_file))
+        assert any((tmp / n).is_file() for n in (WEIGHTS, ADAPTER_WEIGHTS)), "a checkpoint without weights"
+        assert any((tmp / n).is_file() for n in TOKENIZER_FILES), "a checkpoint without a tokenizer file"
+        _write_rest(tmp, optimizer, state, recipe_yaml)
         _swap_in(tmp, final)
     except (StorageError, OSError) as e:
         if created:
@@ -408,23 +433,16 @@ def _refuse_non_finite(final: Path, state: TrainingState, tensors: dict[str, tor
                                   f"run diverged; lower train.lr and resume from an earlier checkpoint.")
 
 
-def write_transformers_files(folder: Path, *, hf_config: dict | None, tokenizer, template) -> list[Path]:
-    """The files transformers reads beside the weights: config.json from `hf_config` (when not
-    None), and with a transformers `tokenizer` and a chat `template` both, tokenizer_config.json
-    and chat_template.jinja (`fledge.templates.save_tokenizer_files`). Returns the paths written.
-    The same signature as `fledge.export.hf.write_transformers_files`, for pretraining checkpoints."""
-    folder = Path(folder)
-    written = []
-    if hf_config is not None:
-        written.append(write_atomic(folder / "config.json", json.dumps(hf_config, indent=2)))
-    if tokenizer is not None and template is not None:
-        from fledge.templates import save_tokenizer_files
-        written += save_tokenizer_files(folder, tokenizer, template)
-    return written
+def _copy_tokenizer(tokenizer_file: Path, tmp: Path) -> None:
+    try:
+        tokenizer = tokenizer_file.read_bytes()
+    except OSError as e:
+        raise storage_error(e, tokenizer_file, "read") from None
+    write_atomic(tmp / tokenizer_file.name, tokenizer)
 
 
-def _write_rest(tmp: Path, optimizer, state: TrainingState, recipe_yaml: str, tokenizer_file: Path) -> None:
-    """Everything but the weights and extra files, then the integrity record of it all, then drop the marker."""
+def _write_rest(tmp: Path, optimizer, state: TrainingState, recipe_yaml: str) -> None:
+    """The training files, then the integrity record of it all, then drop the marker."""
     write_atomic(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -432,11 +450,6 @@ def _write_rest(tmp: Path, optimizer, state: TrainingState, recipe_yaml: str, to
     write_atomic(tmp / "rng.pt", _torch_bytes(rng))
     write_atomic(tmp / "state.json", json.dumps(state.to_json(), indent=2))
     write_atomic(tmp / "recipe.yaml", recipe_yaml)
-    try:
-        tokenizer = tokenizer_file.read_bytes()
-    except OSError as e:
-        raise storage_error(e, tokenizer_file, "read") from None
-    write_atomic(tmp / tokenizer_file.name, tokenizer)
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256_file(p)} for p in sorted(tmp.iterdir())
              if p.is_file() and p.name not in (PARTIAL, INTEGRITY) and not WRITE_TEMP.match(p.name)}
     write_atomic(tmp / INTEGRITY, json.dumps({"format": FORMAT, "files": files}, indent=1))
@@ -547,6 +560,9 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     """Load the weights into `model` after checking them and the other files inference reads
     (state.json, recipe.yaml, the tokenizer, config.json); tied names are filled from their alias."""
     checkpoint = Path(checkpoint)
+    if is_adapter_checkpoint(checkpoint):
+        raise CheckpointError(f"{checkpoint} holds adapters ({ADAPTER_WEIGHTS}), not a whole model: load them onto "
+                              f"their base (fledge.model.adapters.load_adapter), or merge them with `fledge merge`.")
     if not (checkpoint / WEIGHTS).is_file() and not (checkpoint / INTEGRITY).is_file():
         raise CheckpointError(f"{checkpoint}: no {WEIGHTS}; the folder is not a fledge checkpoint.")
     files, problem = _read_integrity(checkpoint)
@@ -570,6 +586,12 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     if missing or unexpected:
         raise CheckpointError(f"{file}: weights do not fit this model (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]}). The checkpoint comes from another model.* recipe.")
+
+
+def is_adapter_checkpoint(checkpoint: Path) -> bool:
+    """Whether a checkpoint holds adapters (LoRA, QLoRA) rather than whole weights."""
+    checkpoint = Path(checkpoint)
+    return (checkpoint / ADAPTER_WEIGHTS).is_file() and not (checkpoint / WEIGHTS).is_file()
 
 
 def _tied_to_loaded(own: dict, name: str, loaded: dict) -> bool:

@@ -50,9 +50,10 @@ from fledge.evaluate.loss import evaluate_loss, takes_reduction
 from fledge.recipe import Recipe
 from fledge.train import checkpoint as ckpt
 from fledge.train.batches import BatchSource
-from fledge.train.checkpoint import TrainingState, write_transformers_files
+from fledge.train.checkpoint import TrainingState
 from fledge.train.data import WindowBatches
 from fledge.train.distributed import Distributed
+from fledge.train.finetune import FineTune
 from fledge.train.report import Reporter
 from fledge.train.schedule import learning_rate
 from fledge.train.steps import TrainingDiverged, divergence_advice, sum_over_processes, train_step
@@ -79,11 +80,13 @@ class Setup:
     raw_model: torch.nn.Module      # the module itself, for saving and sampling
     optimizer: torch.optim.Optimizer
     tokenizer: object
-    tokenizer_file: Path
+    tokenizer_file: Path | None     # fledge's tokenizer file, copied into checkpoints (None: a transformers base's)
     source: BatchSource
     state: TrainingState
-    hf_config: dict | None          # transformers' config.json of the model; None: it has none
     keyword_forward: bool           # forward meets the keyword contract (reduction="sum"); else (idx, targets)
+    finetune: FineTune | None = None    # the base, tokenizer and template of a run from model.base
+    validates: bool = True          # the source has validation batches (rows with val_fraction 0 have none)
+    rows_tokenizer: bool = False    # state.tokenizer_sha256 is of the fine-tune's tokenizer, not of prepared data
     watch: WeightWatch | None = None
     notes: list[str] = field(default_factory=list)    # said once the run's first line is out
 
@@ -106,11 +109,13 @@ def _prepare(recipe: Recipe, progress: bool) -> None:
 
 
 def train(recipe: Recipe, resume: bool = False, progress: bool = True,
-          source: BatchSource | None = None) -> TrainResult:
-    """Train `recipe` on `source`, by default the windows of its prepared data (`fledge prepare`)."""
+          source: BatchSource | None = None, *, allow_code: bool = False) -> TrainResult:
+    """Train `recipe` on `source`, by default its `data.rows` (with model.base) or the windows of its
+    prepared data (`fledge prepare`). `allow_code` lets a fledge base's saved recipe import the
+    module its model.arch names."""
     dist = Distributed.from_environment(recipe.train.device)
     try:
-        result = _train(recipe, resume, progress, dist, source)
+        result = _train(recipe, resume, progress, dist, source, allow_code)
     except BaseException:
         dist.close(clean=False)
         raise
@@ -118,17 +123,31 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     return result
 
 
-def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed, source: BatchSource | None) -> TrainResult:
+def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed, source: BatchSource | None,
+           allow_code: bool) -> TrainResult:
     torch.manual_seed(recipe.train.seed)
     threads = set_threads(recipe.train.threads, dist.local_world) if dist.device.type == "cpu" else None
     precision = pick_precision(recipe.train.precision, dist.device)
-    manifest = _load_manifest(recipe)
-    if source is None:
-        source = WindowBatches.from_prepared(recipe.prepared_path, recipe.train)
+    say = print if dist.is_main else _quiet
+    ft = None
+    if recipe.model.base:       # every process loads the base and builds the rows itself (deterministic)
+        from fledge.train.finetune import check_prompts, load_finetune, row_batches
+        ft, recipe = load_finetune(recipe, dist.device, allow_code=allow_code, say=say)
+        check_prompts(ft, recipe)
+    manifest = None
+    if source is None and ft is not None and recipe.data.rows:
+        source = row_batches(ft, recipe, say)
+    elif source is None or ft is None:
+        manifest = _load_manifest(recipe)
+        if ft is not None:
+            from fledge.train.finetune import check_corpus_tokenizer
+            check_corpus_tokenizer(ft, recipe, manifest)
+        if source is None:
+            source = WindowBatches.from_prepared(recipe.prepared_path, recipe.train)
     recipe, epochs_note = _with_epochs(recipe, source, dist.world)
     t, run_dir = recipe.train, recipe.run_path
     start_from = dist.run_on_main(_choose_start, run_dir, resume, recipe)
-    s = _build(recipe, dist, manifest, source)
+    s = _build(recipe, dist, manifest, source, ft, start_from)
     s.notes += [epochs_note] if epochs_note else []
     peak = _peak_flops(s, precision, dist) if dist.is_main else None
     if start_from:
@@ -149,6 +168,10 @@ def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed, sour
     return TrainResult(run_dir, step, st.val_loss, st.best_val_loss, ckpt.best_checkpoint(run_dir, verify=False),
                        ckpt.latest_checkpoint(run_dir, verify=False), ended == "interrupted", st.first_val_loss,
                        ended == "stopped early")
+
+
+def _quiet(text: str) -> None:
+    """`say` on processes other than the main one."""
 
 
 def _load_manifest(recipe: Recipe) -> dict:
@@ -184,10 +207,22 @@ def _announce(s: Setup, recipe: Recipe, dist: Distributed, precision, threads: i
     n_params = model.num_parameters() if hasattr(model, "num_parameters") else \
         sum(p.numel() for p in model.parameters())
     step = s.state.step
-    report.say(f"run {recipe.run_path} | {n_params / 1e6:.2f}M parameters | {s.source.describe()} "
+    tuned = ""
+    if s.finetune is not None:
+        from fledge.model.adapters import trainable_report
+        trained, total = trainable_report(model)
+        ft = s.finetune
+        tuned = (f" | {recipe.finetune.method} fine-tune of {recipe.model.base} ({ft.base.kind}), training "
+                 f"{trained / 1e6:.2f}M ({100 * trained / max(total, 1):.2f}%)"
+                 + (f" | template {ft.template.name}" if ft.template is not None else ""))
+    report.say(f"run {recipe.run_path} | {n_params / 1e6:.2f}M parameters{tuned} | {s.source.describe()} "
                f"| device {dist.device} x{dist.world} | {precision.name}"
                + (f" | {threads} threads" if threads else "")
                + (f" | resuming at step {step}" if step else ""))
+    if not s.validates:
+        report.say("note: no validation batches (data.val_fraction is 0 and data.val_rows is empty): evaluation is "
+                   "skipped" + (", early stopping is off" if recipe.train.early_stop_patience else "")
+                   + ", and the last checkpoint stands in for the best")
     for note in s.notes:
         report.say(f"note: {note}")
 
@@ -202,7 +237,7 @@ def _run(s: Setup, recipe: Recipe, precision, dist: Distributed, report: Reporte
     last_saved = step if resumed else None
     if _stopped_before(st, t, report):
         return step, "stopped early"
-    if step == 0 and st.first_val_loss is None:
+    if step == 0 and st.first_val_loss is None and s.validates:
         st.first_val_loss = _evaluate(s, recipe, precision, dist, report, 0, sample=False)
     timing = _Timing()
     started = time.perf_counter() - st.elapsed_s
@@ -342,7 +377,9 @@ def _evaluate_and_checkpoint(s: Setup, recipe: Recipe, step: int, precision, dis
     Returns (whether it saved, whether early stopping ends the run here)."""
     t, st = recipe.train, s.state
     improved = stopping = False
-    if _evaluation_due(t, step):
+    if _evaluation_due(t, step) and not s.validates:
+        _sample(s, recipe, precision, dist, report, step)
+    elif _evaluation_due(t, step):
         val = _evaluate(s, recipe, precision, dist, report, step)
         if not math.isfinite(val):
             raise TrainingDiverged(f"training diverged by step {step}: the validation loss is {val}, and no "
@@ -372,14 +409,27 @@ def _evaluate_and_checkpoint(s: Setup, recipe: Recipe, step: int, precision, dis
 
 
 def _evaluate(s: Setup, recipe: Recipe, precision, dist, report, step: int, sample: bool = True) -> float:
-    t = recipe.train
     val = evaluate_loss(s.raw_model, s.source.val_batches(dist.rank, dist.world), dist.device, precision, dist.world)
-    if sample and dist.is_main and hasattr(s.raw_model, "generate") and recipe.sample.prompts:
+    if sample:
+        _sample(s, recipe, precision, dist, report, step)
+    return val
+
+
+def _sample(s: Setup, recipe: Recipe, precision, dist, report, step: int) -> None:
+    """The recipe's prompts sampled on the main process: continued as text, or answered in the
+    fine-tune's template. Each with its own seeded generator, never the global RNG."""
+    t, prompts = recipe.train, recipe.sample.prompts
+    if not (dist.is_main and prompts and hasattr(s.raw_model, "generate")):
+        return
+    if s.finetune is not None:
+        from fledge.train.finetune import sample_answers
+        texts = sample_answers(s.raw_model, s.finetune, recipe, prompts, seed=t.seed, device=dist.device,
+                               precision=precision)
+    else:
         from fledge.sample import generate_text
         texts = [generate_text(s.raw_model, s.tokenizer, p, recipe.sample, seed=t.seed + i, device=dist.device,
-                               precision=precision)[0] for i, p in enumerate(recipe.sample.prompts)]
-        report.samples(step, recipe.sample.prompts, texts)
-    return val
+                               precision=precision)[0] for i, p in enumerate(prompts)]
+    report.samples(step, prompts, texts)
 
 
 def _save(s: Setup, recipe: Recipe, step: int, dist: Distributed) -> None:
@@ -394,11 +444,18 @@ def _save_on_main(s: Setup, recipe: Recipe, step: int) -> None:
 
 
 def _checkpoint_contents(s: Setup):
-    """What a checkpoint holds besides the training state: (tensors, aliases, extra_files(folder)).
-    The whole model's weights, and the transformers files of its config; an adapter run
-    saves the adapter's tensors and config here instead."""
+    """What a checkpoint holds besides the training state: (tensors or None, aliases, extra_files(folder)).
+    Pretraining: the whole model's weights and its transformers config.json. Fine-tunes
+    (fledge.train.finetune): whole weights or only adapters, and the transformers files of the
+    fine-tune's tokenizer and template."""
+    from fledge.export.hf import write_transformers_files
+    from fledge.model.bases import model_hf_config
+    if s.finetune is not None:
+        from fledge.train.finetune import checkpoint_contents
+        return checkpoint_contents(s.raw_model, s.finetune)
     tensors, aliases = ckpt.weights_to_save(s.raw_model)
-    return tensors, aliases, partial(write_transformers_files, hf_config=s.hf_config, tokenizer=None, template=None)
+    return tensors, aliases, partial(write_transformers_files, hf_config=model_hf_config(s.raw_model),
+                                     tokenizer=None, template=None)
 
 
 def _choose_start(run_dir: Path, resume: bool, recipe: Recipe) -> str | None:
@@ -425,8 +482,16 @@ def _choose_start(run_dir: Path, resume: bool, recipe: Recipe) -> str | None:
     return str(latest)
 
 
+# Keys besides model.* and tokenizer.* that decide which tensors a checkpoint holds and what they mean.
+SHAPES_WEIGHTS = {"finetune.method", "finetune.lora_r", "finetune.lora_alpha", "finetune.lora_targets",
+                  "finetune.quant_bits", "template.name", "template.jinja"}
+
+
 def check_resumable(checkpoint: Path, recipe: Recipe) -> list[str]:
     """Raise if the checkpoint's model or tokenizer differ from the recipe; return notes on other changes.
+
+    A fine-tune's recipe is the resolved one (model.* and tokenizer.* from its base), as saved in
+    its checkpoints. The method, the adapters' shape and the template count as the model.
 
     The saved recipe may import the module its `model.arch` names only when the recipe being run
     names the same one: a different arch is reported as a model difference without running code.
@@ -444,12 +509,13 @@ def check_resumable(checkpoint: Path, recipe: Recipe) -> list[str]:
         saved["model"]["arch"] = saved_arch
     now = recipe.to_dict()
     fatal, notes = [], []
-    for section in ("model", "tokenizer", "data", "train"):
+    for section in ("model", "tokenizer", "finetune", "template", "data", "train"):
         for key in now[section]:
-            a, b = saved[section].get(key), now[section][key]
+            a, b = saved.get(section, {}).get(key), now[section][key]
             if a != b:
                 item = f"{section}.{key}: checkpoint {a!r}, recipe {b!r}"
-                (fatal if section in ("model", "tokenizer") else notes).append(item)
+                shapes = bool(recipe.model.base) and f"{section}.{key}" in SHAPES_WEIGHTS
+                (fatal if section in ("model", "tokenizer") or shapes else notes).append(item)
     if fatal:
         raise CheckpointError(f"{checkpoint} comes from another recipe: " + "; ".join(fatal) +
                               ". Resume with the recipe saved in the checkpoint, or start a new run "
@@ -459,35 +525,45 @@ def check_resumable(checkpoint: Path, recipe: Recipe) -> list[str]:
     return notes
 
 
-def _build(recipe: Recipe, dist: Distributed, manifest: dict, source: BatchSource) -> Setup:
-    """Tokenizer, model and optimizer, freshly initialised (see `_restore`)."""
-    from fledge.model.registry import build_model
-    from fledge.tokenizer import find_tokenizer_file, load_tokenizer
-    tokenizer_file = find_tokenizer_file(recipe.prepared_path)
-    tokenizer = load_tokenizer(tokenizer_file)
-    vocab = manifest["tokenizer"]["vocab_size"]
-    raw_model = build_model(recipe.model, vocab, tokenizer.bos_id, tokenizer.eos_id).to(dist.device)
+def _build(recipe: Recipe, dist: Distributed, manifest: dict | None, source: BatchSource, ft: FineTune | None,
+           start_from: str | None) -> Setup:
+    """Tokenizer, model and optimizer, freshly initialised (see `_restore`); a fine-tune's model is
+    its base made ready by finetune.method, or with a resumed run's adapters."""
     notes: list[str] = []
+    if ft is None:
+        from fledge.model.registry import build_model
+        from fledge.tokenizer import find_tokenizer_file, load_tokenizer
+        tokenizer_file = find_tokenizer_file(recipe.prepared_path)
+        tokenizer = load_tokenizer(tokenizer_file)
+        vocab = manifest["tokenizer"]["vocab_size"]
+        raw_model = build_model(recipe.model, vocab, tokenizer.bos_id, tokenizer.eos_id).to(dist.device)
+        state = TrainingState(vocab_size=vocab, tokenizer_sha256=manifest["tokenizer"]["sha256"])
+    else:
+        from fledge.train.finetune import build_finetune_model, embedding_rows, tokenizer_sha256
+        tokenizer, tokenizer_file = ft.tokenizer, ft.tokenizer_file
+        raw_model = build_finetune_model(ft, recipe, Path(start_from) if start_from else None)
+        # continued pretraining compares the prepared shards' tokenizer; rows, the tokenizer as trained
+        sha = manifest["tokenizer"]["sha256"] if manifest is not None else tokenizer_sha256(tokenizer)
+        state = TrainingState(vocab_size=embedding_rows(raw_model, tokenizer), tokenizer_sha256=sha,
+                              base_sha256=ft.base_sha256)
     optimizer = make_optimizer(raw_model, recipe.train, dist.device, say=notes.append)
-    state = TrainingState(vocab_size=vocab, tokenizer_sha256=manifest["tokenizer"]["sha256"])
-    return Setup(raw_model, raw_model, optimizer, tokenizer, tokenizer_file, source, state, _hf_config(raw_model),
-                 takes_reduction(raw_model), notes=notes)
-
-
-def _hf_config(model: torch.nn.Module) -> dict | None:
-    """transformers' config.json of a model whose config is fledge's GPTConfig (a property of the
-    model, whatever its builder is called); None for other architectures."""
-    from fledge.model.gpt import GPTConfig, to_hf_config
-    config = getattr(model, "config", None)
-    return to_hf_config(config) if isinstance(config, GPTConfig) else None
+    validates = bool(source.val_batches(dist.rank, dist.world))
+    return Setup(raw_model, raw_model, optimizer, tokenizer, tokenizer_file, source, state,
+                 takes_reduction(raw_model), finetune=ft, validates=validates,
+                 rows_tokenizer=ft is not None and manifest is None, notes=notes)
 
 
 def _restore(s: Setup, checkpoint: Path) -> None:
-    """Weights, optimizer and RNG states from a checkpoint, after everything that draws random numbers."""
+    """Weights (unless the model already holds the checkpoint's adapters), optimizer and RNG states
+    from a checkpoint, after everything that draws random numbers."""
     expected = s.state.tokenizer_sha256
-    ckpt.load_weights(s.raw_model, checkpoint)
+    if not ckpt.is_adapter_checkpoint(checkpoint):
+        ckpt.load_weights(s.raw_model, checkpoint)
     s.state = ckpt.load_training_state(checkpoint, s.optimizer)
     if s.state.tokenizer_sha256 not in (None, expected):
+        if s.rows_tokenizer:
+            raise CheckpointError(f"{checkpoint} was trained with another tokenizer than this run's (the base's, "
+                                  f"with its pad and template tokens). Resume with the original base and template.")
         raise CheckpointError(f"{checkpoint} was trained with another tokenizer than the prepared data's. Resume "
                               f"with the original prepared data.")
 

@@ -46,9 +46,15 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) numbers of parameters, tied tensors counted once."""
+    """(trainable, total) numbers of parameters, tied tensors counted once; a packed 4-bit tensor
+    (QLoRA) counts the numbers it stands for (its quant_state's shape), not its bytes."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(_count(p) for p in params if p.requires_grad), sum(_count(p) for p in params)
+
+
+def _count(p: torch.Tensor) -> int:
+    state = getattr(p, "quant_state", None)
+    return math.prod(state.shape) if state is not None and hasattr(state, "shape") else p.numel()
 
 
 def _memory_bytes() -> int | None:

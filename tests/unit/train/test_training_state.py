@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fledge.errors import CheckpointError
+from fledge.export.hf import write_transformers_files
 from fledge.train import checkpoint as ckpt
 from fledge.train import train
 from fledge.train.checkpoint import TrainingState
@@ -75,7 +76,7 @@ def test_save_checkpoint_writes_the_tensors_and_extra_files_it_is_given(tmp_path
 
     def extra_files(folder):
         (folder / "adapter_config.json").write_text('{"r": 8}')
-        ckpt.write_transformers_files(folder, hf_config={"model_type": "llama"}, tokenizer=None, template=None)
+        write_transformers_files(folder, hf_config={"model_type": "llama"}, tokenizer=None, template=None)
 
     param = torch.nn.Parameter(shared.clone())
     folder = ckpt.save_checkpoint(tmp_path / "run", 3, {"lora_A": shared}, torch.optim.AdamW([param]),
