@@ -7,6 +7,8 @@
     fledge sample RUN --prompt "..."       # generate from a run's best checkpoint (in its chat template)
     fledge chat RUN                        # talk to a fine-tuned run, turn by turn
     fledge merge RUN [-o DIR]              # fold a run's adapters into full weights (runs/<name>/merged/)
+    fledge eval RUN --data FILE            # loss, perplexity, validators on held-out rows; --baseline compares
+    fledge report RUN                      # one self-contained HTML page: curves, evaluations, samples
     fledge env                             # devices, precision, threads, versions, matmul peak
     fledge recipe keys | check RECIPE      # every recipe key with its default and help; validate a recipe
     fledge data extract|pairs|synth|check|split|merge   # shape and check training data
@@ -232,6 +234,9 @@ def _train(args) -> int:
     if not recipe.data.rows:    # a corpus (train reads rows itself); continued pretraining: the base's tokenizer
         prepare_data(resolve_base_tokenizer(recipe, allow_code=args.allow_code), progress=not args.quiet)
     result = train(recipe, resume=args.resume, progress=not args.quiet, allow_code=args.allow_code)
+    if os.environ.get("RANK", "0") == "0" and (result.run_dir / "metrics.jsonl").is_file():
+        from fledge.report import write_report
+        print(f"report: {write_report(result.run_dir)}")
     return 130 if result.interrupted else 0
 
 

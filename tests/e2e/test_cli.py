@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import json
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,8 @@ def test_prepare_train_sample_resume_and_foreign_checkpoint(tmp_path):
     run = tmp_path / "runs" / "t"
     assert (run / "recipe.yaml").is_file() and (run / "metrics.jsonl").is_file()
     assert (run / "checkpoints" / "step-000006" / "model.safetensors").is_file()
+    assert f"report: {Path('runs') / 't' / 'report.html'}" in proc.stdout and (run / "report.html").is_file()
+    assert json.loads((run / "env.json").read_text())["torch"]      # the machine it trained on, for the report
 
     sample = fledge("sample", "runs/t", "--prompt", "the ", "--max-new-tokens", "10", "--seed", "2", cwd=tmp_path)
     assert sample.returncode == 0, sample.stderr

@@ -119,6 +119,9 @@ def test_summary_and_data_come_from_what_the_run_recorded(trained):
     manifest = json.loads((trained.parent.parent / "prepared" / "manifest.json").read_text())
     assert f"{manifest['splits']['train']['tokens']:,}" in data and "corpus.txt" in data
     assert "no evaluation yet: run fledge eval" in page
+    assert "The machine that ran it (env.json" in page and "This machine now" not in page   # fledge train records it
+    (trained / "env.json").unlink()
+    page = write_report(trained).read_text(encoding="utf-8")
     assert "This machine now" in page                # no env.json: the machine that made the report, labelled
 
 

@@ -157,6 +157,7 @@ def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed, sour
     s.watch = WeightWatch(s.raw_model, first_step=start_step == 0, keep_start=dist.is_main)
     if dist.is_main:
         recipe.save(run_dir / "recipe.yaml")
+        _record_environment(run_dir, dist)
     report = Reporter(run_dir, t.max_steps, start_step, dist.is_main, progress, t.tensorboard)
     try:
         _announce(s, recipe, dist, precision, threads, report)
@@ -456,6 +457,16 @@ def _checkpoint_contents(s: Setup):
     tensors, aliases = ckpt.weights_to_save(s.raw_model)
     return tensors, aliases, partial(write_transformers_files, hf_config=model_hf_config(s.raw_model),
                                      tokenizer=None, template=None)
+
+
+def _record_environment(run_dir: Path, dist: Distributed) -> None:
+    """runs/<name>/env.json: the machine this run trains on (devices, CPU flags, versions), for the report."""
+    import json
+
+    from fledge.env import collect_env
+    from fledge.files import write_atomic
+    env = {**collect_env(measure=False), "processes": dist.world}
+    write_atomic(run_dir / "env.json", json.dumps(env, indent=1, default=str) + "\n")
 
 
 def _choose_start(run_dir: Path, resume: bool, recipe: Recipe) -> str | None:
