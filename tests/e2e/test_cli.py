@@ -4,10 +4,10 @@ sample -> resume."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-import json
 from pathlib import Path
 
 import pytest
