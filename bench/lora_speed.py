@@ -26,8 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch starts OpenMP: no spin-waiting against neighbours
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "lora_speed"
@@ -79,8 +81,8 @@ def hf_rows(rows) -> list[dict]:
     """fledge's rendered rows as the Trainer takes them: labels unshifted (transformers shifts them)."""
     out = []
     for row in rows:
-        labels = [-100] + list(row.labels[:-1])   # fledge's label t is token t+1; transformers' label t is token t
-        out.append({"input_ids": list(row.ids), "labels": labels, "attention_mask": [1] * len(row.ids)})
+        labels = [-100] + [int(x) for x in row.labels[:-1]]   # fledge's label t is token t+1; transformers' is token t
+        out.append({"input_ids": [int(x) for x in row.ids], "labels": labels, "attention_mask": [1] * len(row.ids)})
     return out
 
 

@@ -90,7 +90,7 @@ def resolve_arch(name: str) -> Callable:
         raise RecipeError(problem)
     module_name, _, func_name = name.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_here(module_name)
     except ImportError as e:
         raise RecipeError(f"model.arch {name!r}: cannot import {module_name!r} ({e}). Make the module importable "
                           f"(install it, or run from the folder that holds it).") from None
@@ -101,6 +101,17 @@ def resolve_arch(name: str) -> Callable:
     if not callable(fn):
         raise RecipeError(f"model.arch {name!r}: {module_name} has no function {func_name!r}.")
     return fn
+
+
+def _import_from_here(module_name: str):
+    """Import `module_name`, also from the working folder: `python -m fledge` finds modules there, and
+    the `fledge` console script should too (its sys.path starts at its own bin folder instead)."""
+    import os
+    import sys
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.append(here)
+    return importlib.import_module(module_name)
 
 
 def build_model(config: ModelConfig, vocab_size: int, bos_id: int | None = None, eos_id: int | None = None,
