@@ -50,7 +50,7 @@ def train_base(steps: int) -> Path:
     return run
 
 
-def recipe_dict(base: Path, rows: Path, args) -> dict:
+def recipe_dict(base: Path, rows: Path, args, batch_size: int) -> dict:
     return {
         "name": "lora-bench", "run_dir": str(OUT / "fledge-lora"),
         "model": {"base": str(base)},
@@ -58,7 +58,7 @@ def recipe_dict(base: Path, rows: Path, args) -> dict:
         "template": {"name": "plain"},
         "finetune": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
                      "lora_targets": TARGETS, "max_length": args.max_length, "on_too_long": "drop"},
-        "train": {"epochs": 1, "batch_size": args.batch_size, "block_size": args.block_size, "lr": 2e-4,
+        "train": {"epochs": 1, "batch_size": batch_size, "block_size": args.block_size, "lr": 2e-4,
                   "min_lr": 2e-5, "warmup_steps": 10, "weight_decay": 0.0, "grad_clip": 1.0, "precision": "fp32",
                   "eval_every": 0, "checkpoint_every": 0, "log_every": 10, "seed": 1},
         "sample": {"prompts": []},
@@ -124,7 +124,8 @@ def main() -> None:
     parser.add_argument("--base", default="", help="a fledge run folder to start from (default: train one)")
     parser.add_argument("--base-steps", type=int, default=300, help="steps of the base trained when --base is not given")
     parser.add_argument("--rows", default=str(ROWS))
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per step (fledge: packed sequences holding "
+                                                                 "about as many rows)")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -140,12 +141,17 @@ def main() -> None:
 
     base = Path(args.base) if args.base else train_base(args.base_steps)
     checkpoint = resolve_checkpoint(base)
-    recipe = load_recipe(base=recipe_dict(checkpoint, Path(args.rows), args))
+    recipe = load_recipe(base=recipe_dict(checkpoint, Path(args.rows), args, args.batch_size))
     loaded, resolved = load_base(recipe, "cpu")
     tokenizer = loaded.tokenizer
     set_pad_token(tokenizer)
     batches = build_row_batches(resolved, tokenizer, get_template("plain", tokenizer), say=lambda *a: None)
     trained = sum(sum(1 for x in row.labels if x != -100) for row in batches.train_rows)
+    # The same rows per optimizer step on both sides (so the same number of updates per epoch): a packed
+    # sequence holds several rows, so fledge takes fewer sequences per step than the Trainer takes rows.
+    rows_per_sequence = batches.n_train_rows / batches.steps_per_epoch(1, 1, 1)
+    fledge_batch = max(1, round(args.batch_size / rows_per_sequence))
+    recipe = load_recipe(base=recipe_dict(checkpoint, Path(args.rows), args, fledge_batch))
 
     ours = run_fledge(recipe)
     theirs = run_trainer(checkpoint, batches.train_rows, batches.val_rows, tokenizer, args)
@@ -155,6 +161,8 @@ def main() -> None:
         "cpu": {k: v for k, v in env.items() if "cpu" in k.lower() or "bf16" in k.lower() or k == "torch"},
         "rows": args.rows, "train_rows": len(batches.train_rows), "val_rows": len(batches.val_rows),
         "trained_tokens_per_epoch": trained, "threads": args.threads,
+        "rows_per_step": {"fledge": round(fledge_batch * rows_per_sequence, 1), "trainer": args.batch_size},
+        "fledge_sequences_per_step": fledge_batch, "block_size": args.block_size,
         "fledge": {**ours, "trained_tokens_per_s": trained / ours["seconds"]},
         "trainer": {**theirs, "trained_tokens_per_s": trained / theirs["seconds"]},
     }
