@@ -93,7 +93,9 @@ def quickstart(steps: int | None = None, corpus_mb: float | None = None, run_dir
           f"steps; Ctrl-C stops and saves a checkpoint.")
     prepare(recipe, progress=progress)
     result = train(recipe, progress=progress)
-    print(f"\ndone. The run is in {run}/ (recipe.yaml, metrics.jsonl, checkpoints/).\nNext:\n"
+    from fledge.report import write_report
+    report = write_report(result.run_dir)
+    print(f"\ndone. The run is in {run}/ (recipe.yaml, metrics.jsonl, checkpoints/); its report: {report}\nNext:\n"
           f"  fledge sample {run} --prompt 'def parse(' --num-samples 2\n"
           f"  fledge train {run}/recipe.yaml --resume --set train.max_steps={recipe.train.max_steps * 2}"
           f"   # train longer\n"

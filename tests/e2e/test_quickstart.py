@@ -23,3 +23,4 @@ def test_shortened_quickstart_learns(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fledge sample" in out and str(tmp_path / "qs") in out
     assert (result.best_checkpoint / "model.safetensors").is_file()
+    assert f"its report: {tmp_path / 'qs' / 'report.html'}" in out and (tmp_path / "qs" / "report.html").is_file()
