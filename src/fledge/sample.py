@@ -408,45 +408,65 @@ def generate_from_ids(model, tokenizer, ids: list[int], config: SampleConfig, *,
         on_note(f"the prompt is {len(ids)} tokens and the model sees at most {window}; only its last "
                 f"{window - 1} tokens are used as context")
         ids = ids[-(window - 1):]
-    stops = stop_ids(tokenizer, template)      # the model's generate knows one; the others are checked here
     generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = [list(ids) for _ in range(num_samples)]     # context plus everything generated, per sample
-    new: list[list[int]] = [[] for _ in range(num_samples)]
-    shown = [""] * num_samples
-    finished = [False] * num_samples
-    remaining = config.max_new_tokens
     autocast = precision.autocast(device) if precision else torch.autocast(torch.device(device).type,
                                                                            enabled=False)
     with autocast:
-        while remaining > 0 and not all(finished):
-            # One call runs until the window is full; the next starts over on the newest tokens.
-            context = [row[-(window - 1):] if window else row for row in tokens]
-            idx = torch.tensor(context, dtype=torch.long, device=device)
-            produced = 0
-            for column in model.generate(idx, remaining, config.temperature, config.top_k, config.top_p,
-                                         stops[0] if stops else None, generator):
-                produced += 1
-                for i, token in enumerate(column[:, 0].tolist()):
-                    tokens[i].append(token)
-                    if finished[i]:
-                        continue
-                    if token in stops:
-                        finished[i] = True
-                        continue
-                    new[i].append(token)
-                    if on_text or template is not None:
-                        text, stopped = visible_text(decode_ids(tokenizer, new[i]), template, final=False)
-                        finished[i] = stopped
-                        if on_text and len(text) > len(shown[i]) and text.startswith(shown[i]):
-                            on_text(i, text[len(shown[i]):])
-                            shown[i] = text
-                if produced >= remaining or all(finished):
-                    break
-            if produced == 0:
+        return generate_batch(model, tokenizer, [ids] * num_samples, config, generator=generator, device=device,
+                              window=window, template=template, on_text=on_text, on_note=on_note)
+
+
+def generate_batch(model, tokenizer, prompts: list[list[int]], config: SampleConfig, *, generator: torch.Generator,
+                   device=None, window: int | None = None, template=None,
+                   on_text: Callable[[int, str], None] | None = None,
+                   on_note: Callable[[str], None] | None = None) -> list[str]:
+    """Completions of equal-length `prompts`, generated together (one batch for the model's generate).
+
+    Each row's context is its last `window` - 1 tokens; once the window is full it slides (the
+    model's generate starts again on the newest tokens). A row ends at a stop id (`stop_ids`), a
+    stop string of `template`, or after `config.max_new_tokens` tokens; the texts are returned as
+    `generate_text` describes. `on_text` and `on_note` as in `generate_text` (`on_note` None: silent).
+    """
+    assert len({len(p) for p in prompts}) <= 1, "a batch holds prompts of one length"
+    device = device or next(model.parameters()).device
+    stops = stop_ids(tokenizer, template)      # the model's generate knows one; the others are checked here
+    strings = template.stop_strings if template is not None else ()
+    tokens = [list(p) for p in prompts]        # context plus everything generated, per row
+    new: list[list[int]] = [[] for _ in prompts]
+    shown = [""] * len(prompts)
+    finished = [False] * len(prompts)
+    remaining = config.max_new_tokens
+    while remaining > 0 and not all(finished):
+        # One call runs until the window is full; the next starts over on the newest tokens.
+        context = [row[-(window - 1):] if window else row for row in tokens]
+        idx = torch.tensor(context, dtype=torch.long, device=device)
+        produced = 0
+        for column in model.generate(idx, remaining, config.temperature, config.top_k, config.top_p,
+                                     stops[0] if stops else None, generator):
+            produced += 1
+            for i, token in enumerate(column[:, 0].tolist()):
+                tokens[i].append(token)
+                if finished[i]:
+                    continue
+                if token in stops:
+                    finished[i] = True
+                    continue
+                new[i].append(token)
+                if on_text or strings:
+                    generated = decode_ids(tokenizer, new[i])
+                    finished[i] = any(s in generated for s in strings)
+                    text = visible_text(generated, template, final=False)[0] if on_text else ""
+                    if on_text and len(text) > len(shown[i]) and text.startswith(shown[i]):
+                        on_text(i, text[len(shown[i]):])
+                        shown[i] = text
+            if produced >= remaining or all(finished):
+                break
+        if produced == 0:
+            if on_note:
                 on_note(f"the model's generate stopped after {config.max_new_tokens - remaining} of "
                         f"{config.max_new_tokens} new tokens")
-                break
-            remaining -= produced
+            break
+        remaining -= produced
     texts = [visible_text(decode_ids(tokenizer, t), template, final=True)[0] for t in new]
     if on_text:
         for i, text in enumerate(texts):

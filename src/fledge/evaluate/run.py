@@ -448,6 +448,8 @@ def describe_loss(subject: Subject, records: Sequence[Record], output: SystemOut
 def generate_answers(subject: Subject, prompts: Sequence[list[int] | None], decoding: Decoding, *,
                      say: Callable[[str], None] = _silent) -> list[str | None]:
     """The answer to every prompt (None where the prompt is None), in batches of equal prompt length."""
+    from fledge.recipe import SampleConfig
+    from fledge.sample import generate_batch
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         if p is not None:
@@ -456,10 +458,19 @@ def generate_answers(subject: Subject, prompts: Sequence[list[int] | None], deco
                for k in range(0, len(rows), decoding.batch_size)]
     out: list[str | None] = [None] * len(prompts)
     progress = Progress(f"{subject.label}: generated", "answers", sum(map(len, batches)), say)
-    device = next(subject.loaded.model.parameters()).device
+    model = subject.loaded.model
+    if batches and not callable(getattr(model, "generate", None)):
+        raise RecipeError(f"the model of {subject.label} ({type(model).__name__}) has no generate method, which "
+                          f"eval needs for answers; add one to your model.arch (see GPT.generate), or pass "
+                          f"--no-generate for the loss only.")
+    # As `fledge.sample.generate_from_ids`, batched: greedy unless temperature > 0, no top-k or top-p.
+    config = SampleConfig(max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature, top_k=0,
+                          top_p=1.0)
+    device = next(model.parameters()).device
     for batch in batches:
         generator = torch.Generator(device=device).manual_seed((decoding.seed * 1_000_003 + batch[0]) % 2 ** 63)
-        texts = generate_batch(subject, [prompts[i] for i in batch], decoding, generator)
+        texts = generate_batch(model, subject.tokenizer, [prompts[i] for i in batch], config, generator=generator,
+                               device=device, window=subject.window, template=subject.template)
         for i, text in zip(batch, texts):
             out[i] = text
         progress.advance(len(batch))
@@ -483,48 +494,3 @@ class Progress:
         rate = self.done / max(now - self.start, 1e-9)
         left = "done" if self.done >= self.total else f"about {(self.total - self.done) / rate:.0f}s left"
         self.say(f"{self.what} {self.done:,}/{self.total:,} {self.unit}, {rate:.1f} {self.unit}/s, {left}")
-
-
-def generate_batch(subject: Subject, prompts: list[list[int]], decoding: Decoding,
-                   generator: torch.Generator) -> list[str]:
-    """Answers to equal-length prompts, generated together with the model's KV cache.
-
-    As `fledge.sample.generate_from_ids` for one prompt: a prompt longer than the window keeps
-    its last window - 1 tokens; once the window is full it slides (the model's generate starts
-    again on the newest tokens); generation ends at a stop id or a stop string."""
-    from fledge.sample import decode_ids, stop_ids, visible_text
-    model, tokenizer, template, window = subject.loaded.model, subject.tokenizer, subject.template, subject.window
-    if not callable(getattr(model, "generate", None)):
-        raise RecipeError(f"the model of {subject.label} ({type(model).__name__}) has no generate method, which "
-                          f"eval needs for answers; add one to your model.arch (see GPT.generate), or pass "
-                          f"--no-generate for the loss only.")
-    assert len({len(p) for p in prompts}) == 1, "a batch holds prompts of one length"
-    device = next(model.parameters()).device
-    stops = stop_ids(tokenizer, template)
-    strings = template.stop_strings if template is not None else ()
-    tokens = [list(p) for p in prompts]
-    new: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * len(prompts)
-    remaining = decoding.max_new_tokens
-    while remaining > 0 and not all(finished):
-        context = [row[-(window - 1):] if window else row for row in tokens]
-        produced = 0
-        for column in model.generate(torch.tensor(context, dtype=torch.long, device=device), remaining,
-                                     decoding.temperature, 0, 1.0, stops[0] if stops else None, generator):
-            produced += 1
-            for i, token in enumerate(column[:, 0].tolist()):
-                tokens[i].append(token)
-                if finished[i]:
-                    continue
-                if token in stops:
-                    finished[i] = True
-                    continue
-                new[i].append(token)
-                if strings and any(s in decode_ids(tokenizer, new[i]) for s in strings):
-                    finished[i] = True
-            if produced >= remaining or all(finished):
-                break
-        if produced == 0:
-            break
-        remaining -= produced
-    return [visible_text(decode_ids(tokenizer, t), template, final=True)[0] for t in new]
