@@ -20,6 +20,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import stat
 from pathlib import Path
 from typing import IO, Iterator
@@ -115,6 +116,23 @@ def write_atomic(path: str | Path, data: str | bytes, encoding: str = "utf-8") -
     with atomic_open(path, "wb") as f:
         f.write(data.encode(encoding) if isinstance(data, str) else data)
     return Path(path)
+
+
+def replace_folder(new: str | Path, target: str | Path, old: str | Path) -> None:
+    """Rename the finished folder `new` to `target`. An existing `target` is first renamed to `old`
+    (which the caller has cleared) and put back if the rename fails, then removed. Raises OSError."""
+    new, target, old = Path(new), Path(target), Path(old)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(new, target)
+        return
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except OSError:
+        os.replace(old, target)         # put the earlier folder back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_temps(folder: str | Path, name: str = "*") -> list[Path]:

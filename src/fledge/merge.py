@@ -30,12 +30,11 @@ not write. A checkpoint with full weights has nothing to merge and is refused in
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from fledge.errors import CheckpointError, StorageError
-from fledge.files import storage_error, write_atomic
+from fledge.files import replace_folder, storage_error, write_atomic
 from fledge.sample import (checkpoint_template, load_adapter_run, read_checkpoint, resolve_checkpoint,
                            verify_for_inference)
 from fledge.train.checkpoint import is_adapter_checkpoint
@@ -130,20 +129,10 @@ def _write(target: Path, checkpoint: Path, merged, tokenizer, template, state: d
 
 
 def _swap_in(folder: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old")
+    _remove_ours(old)
     try:
-        if target.is_dir():
-            old = target.with_name(f".{target.name}.old")
-            _remove_ours(old)
-            os.replace(target, old)
-            try:
-                os.replace(folder, target)
-            except OSError:
-                os.replace(old, target)         # put the earlier merge back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(folder, target)
+        replace_folder(folder, target, old)
     except OSError as e:
         raise storage_error(e, target, "rename the merged folder to") from None
 

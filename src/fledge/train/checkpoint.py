@@ -61,7 +61,7 @@ import safetensors.torch
 import torch
 
 from fledge.errors import CheckpointError, StorageError
-from fledge.files import fsync_dir, remove_stale_temps, storage_error, write_atomic
+from fledge.files import fsync_dir, remove_stale_temps, replace_folder, storage_error, write_atomic
 
 STEP_DIR = re.compile(r"step-(\d+)")
 WEIGHTS = "model.safetensors"
@@ -468,21 +468,13 @@ def _torch_bytes(obj) -> bytes:
 
 def _swap_in(tmp: Path, final: Path) -> None:
     """Rename the finished temp folder to its name; an older save of the same step goes first."""
+    old = final.with_name(f".{final.name}.old.tmp")
+    if final.exists():
+        if not _made_by_fledge(final):
+            raise CheckpointError(f"{final} exists and fledge did not write it; move it away and resume.")
+        _remove_partial(old)
     try:
-        if final.exists():
-            if not _made_by_fledge(final):
-                raise CheckpointError(f"{final} exists and fledge did not write it; move it away and resume.")
-            old = final.with_name(f".{final.name}.old.tmp")
-            _remove_partial(old)
-            os.replace(final, old)
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                os.replace(old, final)      # put the earlier save of this step back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_folder(tmp, final, old)     # an earlier save of this step is put back if the rename fails
     except OSError as e:
         raise storage_error(e, final, "rename a finished checkpoint to") from None
     fsync_dir(final.parent)
