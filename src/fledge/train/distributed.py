@@ -10,6 +10,7 @@ add another `wrap` here.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -90,4 +91,11 @@ class Distributed:
             if clean:
                 # Without this barrier gloo aborted at shutdown 3 times in 4 on a 2-core machine.
                 dist.barrier()
+                # gloo's worker thread frees the barrier's work (and the works it waited on) just after
+                # the barrier returns, and that needs the GIL when their tensors came from Python. If
+                # the interpreter is already finalizing by then, the thread aborts the process
+                # ("terminate called without an active exception", 1 run in 25 here with torch 2.13,
+                # pytorch/pytorch#190489); destroy_process_group does not join it while DDP's reducer
+                # holds the group. Sleeping releases the GIL so the thread finishes first.
+                time.sleep(0.2)
             dist.destroy_process_group()
