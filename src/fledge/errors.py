@@ -61,3 +61,8 @@ class InternalError(FledgeError):
 
 class TemplateError(FledgeError):
     """A chat template cannot render trainable or promptable conversations with this tokenizer."""
+
+
+class ExportError(FledgeError):
+    """A model cannot be exported in the format asked (an architecture llama.cpp cannot load, an
+    unknown quantization), or the export does not behave like the trained model."""

@@ -342,7 +342,10 @@ def _apply_model_preset(raw: dict) -> None:
     name = model["preset"]
     if name not in PRESETS:
         return  # reported by check_consistency with the list of names
-    model.update({k: v for k, v in PRESETS[name].items() if k not in model})
+    preset = dict(PRESETS[name])
+    if "dim" in model and "hidden_dim" not in model:
+        preset.pop("hidden_dim")        # the MLP follows the width you set (8/3 of it), not the preset's
+    model.update({k: v for k, v in preset.items() if k not in model})
 
 
 # A run name becomes a folder under runs/: one path component that cannot climb out of it.

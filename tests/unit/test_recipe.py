@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from fledge.errors import RecipeError
+from fledge.model.registry import PRESETS
 from fledge.recipe import Recipe, describe_keys, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,9 +63,23 @@ def test_overrides_are_typed_and_checked(tmp_path):
 
 def test_preset_fills_unset_model_keys_only(tmp_path):
     recipe = load_recipe(write(tmp_path, "model:\n  preset: 15m\n  n_layers: 3\n"))
-    assert (recipe.model.dim, recipe.model.n_heads, recipe.model.n_layers) == (288, 6, 3)
+    assert (recipe.model.dim, recipe.model.n_heads, recipe.model.n_layers, recipe.model.hidden_dim) == (512, 8, 3, 1280)
+    recipe = load_recipe(write(tmp_path, "model:\n  preset: 15m\n  dim: 384\n"))
+    assert recipe.model.hidden_dim == 0        # the default 8/3 x 384 applies, not the preset's MLP
     with pytest.raises(RecipeError, match="Presets: 1m"):
         load_recipe(write(tmp_path, "model:\n  preset: 16m\n"))
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_are_true_to_their_names_and_export_friendly(name):
+    """Non-embedding parameters within 10% of the name; every matrix row a multiple of 256 (llama.cpp's
+    K-quant blocks) and heads 64 wide."""
+    from fledge.model.gpt import GPT, GPTConfig
+    p = PRESETS[name]
+    model = GPT(GPTConfig(vocab_size=64, max_seq_len=8, **{k: v for k, v in p.items() if k != "max_seq_len"}))
+    body = sum(t.numel() for key, t in model.named_parameters() if "embed_tokens" not in key and "lm_head" not in key)
+    assert abs(body / (float(name[:-1]) * 1e6) - 1) < 0.1, body
+    assert p["dim"] % 256 == 0 and p["hidden_dim"] % 256 == 0 and p["dim"] // p["n_heads"] == 64
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):

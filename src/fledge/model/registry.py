@@ -31,14 +31,17 @@ if TYPE_CHECKING:
 
     from fledge.recipe import ModelConfig
 
-# Sizes are approximate parameter counts without the embedding table.
+# Named sizes, true to their names: parameters without the embedding table (non-embedding) are
+# 1m 0.92M, 5m 5.1M, 15m 15.1M, 40m 40.9M, 85m 85.0M, 125m 127.4M (tests/unit/test_recipe.py).
+# Every width (dim, hidden_dim) is a multiple of 256 and every head 64 wide, so llama.cpp's
+# K-quants (q4_k_m, q5_k_m: rows in blocks of 256) apply to every matrix of an exported model.
 PRESETS: dict[str, dict] = {
-    "1m": dict(n_layers=4, n_heads=4, dim=128, max_seq_len=512),
-    "5m": dict(n_layers=6, n_heads=8, dim=256, max_seq_len=512),
-    "15m": dict(n_layers=6, n_heads=6, dim=288, max_seq_len=512),   # llama2.c stories15M
-    "40m": dict(n_layers=8, n_heads=8, dim=512, max_seq_len=1024),  # llama2.c stories42M
-    "85m": dict(n_layers=12, n_heads=12, dim=768, max_seq_len=1024),  # llama2.c stories110M body
-    "125m": dict(n_layers=12, n_heads=12, dim=768, max_seq_len=2048, tie_embeddings=False),
+    "1m": dict(n_layers=2, n_heads=4, dim=256, hidden_dim=256, max_seq_len=512),
+    "5m": dict(n_layers=6, n_heads=4, dim=256, hidden_dim=768, max_seq_len=512),
+    "15m": dict(n_layers=5, n_heads=8, dim=512, hidden_dim=1280, max_seq_len=1024),
+    "40m": dict(n_layers=12, n_heads=8, dim=512, hidden_dim=1536, max_seq_len=1024),
+    "85m": dict(n_layers=12, n_heads=12, dim=768, hidden_dim=2048, max_seq_len=1024),
+    "125m": dict(n_layers=18, n_heads=12, dim=768, hidden_dim=2048, max_seq_len=2048),
 }
 
 
