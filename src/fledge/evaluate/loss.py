@@ -40,6 +40,16 @@ def takes_reduction(model: torch.nn.Module) -> bool:
         return False
 
 
+def _loss_only(model: torch.nn.Module) -> dict:
+    """{"logits": False} when the model's forward can skip the output head where nothing is trained."""
+    inner = model.module if hasattr(model, "module") and not hasattr(model, "get_base_model") else model
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    try:
+        return {"logits": False} if "logits" in inspect.signature(inner.forward).parameters else {}
+    except (TypeError, ValueError):
+        return {}
+
+
 def summed_loss(model, batch: Batch, keyword: bool, n_targets: int | None = None) -> torch.Tensor:
     """The sum of the cross-entropy of the batch's targets (a 0-d tensor).
 
@@ -48,7 +58,7 @@ def summed_loss(model, batch: Batch, keyword: bool, n_targets: int | None = None
     returns the mean over targets (labels of -100 ignored, as F.cross_entropy does); the mean
     is multiplied back by the count (`n_targets`, counted here when not given)."""
     if keyword:
-        return model(**batch.model_inputs(), reduction="sum")[1]
+        return model(**batch.model_inputs(), reduction="sum", **_loss_only(model))[1]
     if batch.position_ids is not None or batch.document_ids is not None:
         raise FledgeError("these batches pack several rows into a sequence, and the model's forward takes no "
                           "position_ids or document_ids: give it the keyword forward of the model contract "

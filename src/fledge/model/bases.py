@@ -131,11 +131,12 @@ class TransformersLM(nn.Module):
         return self.hf.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, input_ids, labels=None, cache=None, *, reduction: str = "mean", position_ids=None,
-                document_ids=None):
+                document_ids=None, logits: bool = True):
         """As GPT.forward: input_ids (B, T); labels (B, T) already shifted, -100 ignored; position_ids
         and document_ids (B, T) for packed rows (a token attends to earlier tokens of its own
         document only). Returns (logits (B, T, vocab), loss or None). `cache` is not supported:
-        use `generate`."""
+        use `generate`. `logits=False`: (None, loss), the head run only at sequence positions where
+        some row has a target (transformers' `logits_to_keep`), when the model takes it."""
         if cache is not None:
             raise ValueError("TransformersLM keeps its KV cache inside generate(); call forward without cache")
         B, T = input_ids.shape
@@ -146,12 +147,21 @@ class TransformersLM(nn.Module):
             if position_ids is None:
                 position_ids = positions_from_documents(document_ids)
             mask = additive_document_mask(document_ids, self._compute_dtype(input_ids))
-        out = self.hf(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-        logits = out.logits
+        keep = {}
+        if not logits and labels is not None and reduction != "none" and self._keeps_logits():
+            columns = (labels != -100).any(0).nonzero().squeeze(1)          # positions where some row has a target
+            keep, labels = {"logits_to_keep": columns}, labels[:, columns]
+        out = self.hf(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **keep)
         if labels is None:
-            return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction=reduction)
-        return logits, loss.view(B, T) if reduction == "none" else loss
+            return out.logits, None
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                               reduction=reduction)
+        if keep:
+            return None, loss
+        return out.logits, loss.view(B, T) if reduction == "none" else loss
+
+    def _keeps_logits(self) -> bool:
+        return "logits_to_keep" in inspect.signature(_unwrap(self.hf).forward).parameters
 
     def _compute_dtype(self, input_ids) -> torch.dtype:
         device = input_ids.device.type

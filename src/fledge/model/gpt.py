@@ -219,7 +219,7 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
 
     def forward(self, input_ids, labels=None, cache: KVCache | None = None, *, reduction: str = "mean",
-                position_ids=None, document_ids=None):
+                position_ids=None, document_ids=None, logits: bool = True):
         """input_ids: (B, T) token ids. labels: (B, T) the token that follows each position (already
         shifted, unlike transformers' labels); -100 marks positions without a target.
         position_ids: (B, T) RoPE positions instead of 0..T-1 (after any cached tokens); packed
@@ -227,7 +227,10 @@ class GPT(nn.Module):
         earlier tokens with the same id, so packed examples do not see each other.
         Returns logits (B, T, vocab) and, given labels, the cross-entropy of the targets: their mean
         (reduction="mean"), their sum ("sum"; the count is `(labels != -100).sum()`), or each
-        one ("none": (B, T), 0 where ignored)."""
+        one ("none": (B, T), 0 where ignored). `logits=False` (with labels, reduction "mean" or "sum")
+        returns (None, loss) and runs the output head only at positions with a target: the same
+        loss, without the head's work on prompt and padding tokens (most of a fine-tuning step's
+        when answers are short and the vocabulary large)."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         end = start + T if position_ids is None else int(position_ids.max()) + 1
@@ -246,11 +249,13 @@ class GPT(nn.Module):
         x = self.model.norm(x)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(x)                                # (B, T, vocab)
+        if not logits and labels is not None and reduction != "none":
+            return None, targets_loss(self.lm_head, x, labels, reduction)
+        out = self.lm_head(x)                                   # (B, T, vocab)
         if labels is None:
-            return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction=reduction)
-        return logits, loss.view(B, T) if reduction == "none" else loss
+            return out, None
+        loss = F.cross_entropy(out.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction=reduction)
+        return out, loss.view(B, T) if reduction == "none" else loss
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -294,6 +299,13 @@ class GPT(nn.Module):
                 logits, _ = self(nxt, cache=cache)
         finally:
             self.train(was_training)
+
+
+def targets_loss(head: nn.Module, hidden, labels, reduction: str):
+    """Cross-entropy of the targets with the output head applied to their positions only.
+    hidden: (B, T, dim), labels: (B, T) with -100 where there is no target."""
+    keep = labels != -100
+    return F.cross_entropy(head(hidden[keep]).float(), labels[keep], reduction=reduction)
 
 
 class KVCache:
