@@ -138,9 +138,14 @@ class TrainConfig:
     keep_last: int = option(2, "checkpoints kept besides the best one", min=1)
     tensorboard: bool = option(False, "also write TensorBoard logs (needs the tensorboard package)")
     epochs: float = option(0.0, "passes over the fine-tuning rows; when above 0 it sets max_steps", min=0.0)
-    early_stop_patience: int = option(0, "stop after this many evaluations without improvement; 0: off", min=0)
-    early_stop_min_delta: float = option(0.0, "an evaluation improves when val loss falls by more than this",
-                                         min=0.0)
+    early_stop_patience: int = option(0, "stop after this many evaluations of train.select_by without "
+                                      "improvement; 0: off", min=0)
+    early_stop_min_delta: float = option(0.0, "an evaluation improves when train.select_by gets better by more "
+                                         "than this (val loss falls, a share such as dot rises)", min=0.0)
+    select_by: str = option("val_loss", "what picks the best checkpoint and drives early stopping: val_loss "
+                            "(lower is better), or a metric of the generation evaluations (eval.every): "
+                            "exact_match, normalized_match, a validator of eval.validate (dot, json, ...), purity, "
+                            "adherence (higher is better)")
 
 
 @dataclass
@@ -179,6 +184,23 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    data: str = option("", "held-out rows `fledge eval RUN` and the evaluations during training answer (any row "
+                       "format); empty: the run's validation rows (data.val_rows, or the val_fraction split)")
+    validate: list = option([], "validators whose pass rates are measured, as --validate takes them: dot, cypher, "
+                            "sql, json, python, regex:pattern=..., vocabulary:path=WORDS (purity and adherence), "
+                            "or pkg.module:function")
+    targets: dict = option({}, "thresholds reported as met or missed, e.g. {purity: 0.85, ppl: 20}; shares are met "
+                           "at or above, loss, ppl and bpb at or below")
+    every: int = option(0, "steps between generation evaluations during training: greedy answers to eval.rows "
+                        "held-out rows, scored by eval.validate and exact match; 0: off", min=0)
+    rows: int = option(32, "held-out rows answered at each evaluation during training: a fixed subset drawn with "
+                       "train.seed, the same rows every time", min=1)
+    max_new_tokens: int = option(0, "longest generated answer in tokens; 0: twice the longest reference plus 16",
+                                 min=0)
+
+
+@dataclass
 class Recipe:
     name: str = option("run", "run name; the run folder defaults to runs/<name>")
     run_dir: str = option("", "run folder; empty: runs/<name>")
@@ -189,6 +211,8 @@ class Recipe:
     finetune: FinetuneConfig = section(FinetuneConfig, "fine-tuning method, adapters, masking and packing")
     template: TemplateConfig = section(TemplateConfig, "how conversations become text, at training and inference")
     sample: SampleConfig = section(SampleConfig, "sampling defaults and the prompts sampled during training")
+    eval: EvalConfig = section(EvalConfig, "held-out evaluation: rows, validators and targets for `fledge eval`, "
+                                           "and generation evaluations during training")
 
     # Not a recipe key: the dotted keys the YAML and overrides set (the others hold defaults).
     # A base model fills the unset model keys and refuses set ones that contradict it.
@@ -245,6 +269,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         problems.extend(check_consistency(recipe, allow_code))
     if check_machine:
         problems.extend(check_machine_support(recipe))
+    if check_machine and allow_code and not problems:
+        problems.extend(eval_validator_problems(recipe))
     raise_problems(source, problems)
     recipe.model.code_allowed = allow_code
     recipe.given = frozenset(_dotted_keys(raw))
@@ -506,7 +532,7 @@ def check_consistency(r: Recipe, allow_code: bool = True) -> list[str]:
     if r.tokenizer.kind != "char" and r.tokenizer.vocab_size < 260:
         out.append(f"tokenizer.vocab_size ({r.tokenizer.vocab_size}) is below the 256 bytes plus special tokens "
                    f"a {r.tokenizer.kind} tokenizer needs; use at least 260 or tokenizer.kind: char")
-    return out + _finetune_problems(r)
+    return out + _finetune_problems(r) + _eval_problems(r)
 
 
 def _finetune_problems(r: Recipe) -> list[str]:
@@ -536,6 +562,107 @@ def _finetune_problems(r: Recipe) -> list[str]:
         out.append("train.epochs counts passes over data.rows; a corpus run counts train.max_steps. Remove "
                    "train.epochs or set data.rows")
     return out  # keys that contradict the base (model.*, tokenizer.*) are checked by model.bases.load_base
+
+
+def _eval_problems(r: Recipe) -> list[str]:
+    """eval.validate's syntax, eval.targets and train.select_by against the metrics the validators give,
+    and what generation evaluations during training need. Nothing is imported or read (see
+    `eval_validator_problems`); eval.targets' "85%" strings become 0.85."""
+    e, t, d = r.eval, r.train, r.data
+    out: list[str] = []
+    plan = _eval_plan(e.validate, out)
+    if e.targets or t.select_by != "val_loss":
+        from fledge.evaluate.score import metric_names
+        if plan is not None:
+            out += _target_problems(r, metric_names(plan, generations=True, losses=True))
+            out += _select_by_problems(r, metric_names(plan))
+    if e.every and not e.data and not (d.rows and (d.val_rows or d.val_fraction > 0)):
+        out.append(f"eval.every ({e.every}) generates answers to held-out rows during training, and this run has "
+                   f"none: give eval.data (a rows file), or data.rows with data.val_rows or data.val_fraction above 0")
+    return out
+
+
+def _eval_plan(specs: list, out: list[str]) -> list | None:
+    """eval.validate as `plan_validators` gives it (metric names, nothing built), or None with problems."""
+    bad = [f"eval.validate[{i}] is {spec!r}; write each validator as NAME[:key=value,...], e.g. dot, "
+           f"sql:dialect=postgres or vocabulary:path=words.txt" for i, spec in enumerate(specs)
+           if not isinstance(spec, str) or not spec.strip()]
+    if bad:
+        out += bad
+        return None
+    if not specs:
+        return []
+    from fledge.evaluate.metrics import parse_validator_flag, plan_validators
+    from fledge.validators import VALIDATORS
+    try:
+        plan = plan_validators(specs)
+    except RecipeError as e:
+        out.append("eval.validate" + str(e).removeprefix("--validate"))
+        return None
+    for i, spec in enumerate(specs):
+        name = parse_validator_flag(spec)[0]
+        if ":" not in name and name not in VALIDATORS:
+            close = difflib.get_close_matches(name, list(VALIDATORS), n=1, cutoff=0.5)
+            out.append(f"eval.validate[{i}] {spec!r}: no validator {name!r}"
+                       + (f"; did you mean {close[0]!r}?" if close else ";")
+                       + f" Known: {', '.join(sorted(VALIDATORS))}, or pkg.module:function for your own")
+    return plan
+
+
+def _target_problems(r: Recipe, names: list[str]) -> list[str]:
+    from fledge.evaluate.score import target_problems
+    out, targets = [], {}
+    for name, value in r.eval.targets.items():
+        if isinstance(value, str) and value.strip().endswith("%"):
+            try:
+                value = float(value.strip()[:-1]) / 100
+            except ValueError:
+                pass
+        targets[str(name)] = value
+    for name, value, shows_value, text in target_problems(targets, names, add="add {} to eval.validate"):
+        out.append(f"eval.targets.{name}{f' ({value!r})' if shows_value else ''}: {text}")
+    if not out:
+        r.eval.targets = {name: float(value) for name, value in targets.items()}
+    return out
+
+
+def _select_by_problems(r: Recipe, names: list[str]) -> list[str]:
+    """train.select_by: val_loss, or a generation metric measured during training (eval.every)."""
+    from fledge.evaluate.metrics import LOSS_METRICS, VOCABULARY_METRICS
+    from fledge.validators import VALIDATORS
+    key = r.train.select_by
+    if key == "val_loss":
+        return []
+    choices = f"Choose val_loss or one of {', '.join(names)}"
+    if key in LOSS_METRICS or key in ("val_ppl", "val_bpb"):
+        return [f"train.select_by {key!r}: the loss measured during training is the validation loss; write "
+                f"val_loss (a lower val_loss is a lower {key})"]
+    if key not in names:
+        if key in VOCABULARY_METRICS:
+            hint = " It comes from the vocabulary validator: add vocabulary:path=WORDS_FILE to eval.validate."
+        elif key in VALIDATORS or ":" in key:
+            hint = f" Add {key} to eval.validate to measure it."
+        else:
+            close = difflib.get_close_matches(key, ["val_loss", *names], n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+        return [f"train.select_by {key!r} is not a metric the evaluations compute.{hint} {choices}"]
+    if not r.eval.every:
+        return [f"train.select_by {key!r} is measured on generated answers, and eval.every is 0 (no generation "
+                f"evaluations during training). Set eval.every (e.g. to train.eval_every), or select by val_loss"]
+    return []
+
+
+def eval_validator_problems(r: Recipe) -> list[str]:
+    """eval.validate's validators built here: user code imported, word lists read (a recipe about to run)."""
+    if not r.eval.validate:
+        return []
+    from fledge.errors import FledgeError
+    from fledge.evaluate.metrics import build_validators
+    try:
+        build_validators(r.eval.validate)
+    except FledgeError as e:
+        return [f"eval.validate: {e}"]
+    return []
 
 
 def check_machine_support(r: Recipe) -> list[str]:

@@ -248,3 +248,66 @@ def test_save_is_atomic_and_refuses_a_folder(tmp_path):
     (tmp_path / "folder.yaml").mkdir()
     with pytest.raises(StorageError, match="is a folder"):
         recipe.save(tmp_path / "folder.yaml")
+
+
+# --- eval: and train.select_by ---------------------------------------------------------------------
+
+ROWS = {"data": {"rows": ["rows.jsonl"]}, "model": {"base": "runs/base"}}
+
+
+def test_eval_keys_load_with_percent_targets_and_round_trip(tmp_path):
+    recipe = load_recipe(None, base={**ROWS, "eval": {"validate": ["json", "regex:pattern=^a"], "every": 50,
+                                                      "rows": 16, "targets": {"json": "85%", "ppl": 20}},
+                                     "train": {"select_by": "json", "early_stop_patience": 3}})
+    e = recipe.eval
+    assert (e.data, e.every, e.rows, e.max_new_tokens) == ("", 50, 16, 0)
+    assert e.targets == {"json": 0.85, "ppl": 20.0} and recipe.train.select_by == "json"
+    assert load_recipe(write(tmp_path, recipe.to_yaml())) == recipe
+    vocabulary = tmp_path / "words.txt"
+    vocabulary.write_text("ra\nsu\n")
+    recipe = load_recipe(None, base={"eval": {"data": "val.jsonl", "validate": [f"vocabulary:path={vocabulary}"],
+                                              "every": 5, "targets": {"purity": 0.85, "adherence": 0.8}},
+                                     "train": {"select_by": "adherence"}})
+    assert recipe.eval.data == "val.jsonl"
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"eval": {"targets": {"purty": 0.8}}}, "eval.targets.purty: this evaluation computes no metric 'purty'"),
+    ({"eval": {"targets": {"purity": 0.8}}}, "eval.targets.purity: this evaluation computes no metric 'purity'. It "
+                                             "comes from the vocabulary validator: add vocabulary:path=WORDS_FILE "
+                                             "to eval.validate."),
+    ({"eval": {"validate": ["json"], "targets": {"dot": 0.9}}}, "eval.targets.dot: this evaluation computes no "
+                                                                "metric 'dot'. Add dot to eval.validate"),
+    ({"eval": {"validate": ["json"], "targets": {"json": 90}}}, "eval.targets.json (90): json is a share between 0 "
+                                                                "and 1; did you mean 0.9?"),
+    ({"eval": {"targets": {"ppl": 0}}}, "eval.targets.ppl (0): perplexity is a positive number"),
+    ({"eval": {"validate": ["jsn"]}}, "eval.validate[0] 'jsn': no validator 'jsn'; did you mean 'json'?"),
+    ({"eval": {"validate": ["json", "json"]}}, "eval.validate 'json' is given twice"),
+    ({"eval": {"validate": [{"json": {}}]}}, "eval.validate[0] is {'json': {}}; write each validator as NAME"),
+    ({"train": {"select_by": "jsn"}, "eval": {"validate": ["json"], "every": 5}},
+     "train.select_by 'jsn' is not a metric the evaluations compute. Did you mean 'json'? Choose val_loss or one "
+     "of exact_match, normalized_match, json"),
+    ({"train": {"select_by": "dot"}, "eval": {"every": 5}}, "train.select_by 'dot' is not a metric the evaluations "
+                                                            "compute. Add dot to eval.validate to measure it."),
+    ({"train": {"select_by": "ppl"}}, "train.select_by 'ppl': the loss measured during training is the validation "
+                                      "loss; write val_loss"),
+    ({"train": {"select_by": "exact_match"}}, "train.select_by 'exact_match' is measured on generated answers, and "
+                                              "eval.every is 0"),
+    ({"eval": {"every": 5}, "data": {"rows": ["rows.jsonl"], "val_fraction": 0.0}},
+     "eval.every (5) generates answers to held-out rows during training, and this run has none: give eval.data"),
+])
+def test_eval_problems_are_one_line_naming_the_key(keys, message):
+    base = {**ROWS, **keys}
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, base=base)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_eval_validators_are_built_when_the_recipe_runs_here_only(tmp_path):
+    """A missing word list or module is found at load time for a recipe about to run; a saved recipe
+    (allow_code=False, as inference reads one) never imports code or reads files for it."""
+    base = {"eval": {"validate": [f"vocabulary:path={tmp_path / 'nope.txt'}", "nomodule.sub:check"]}}
+    with pytest.raises(RecipeError, match=r"eval.validate: vocabulary validator: .*nope.txt does not exist"):
+        load_recipe(None, base=base)
+    assert load_recipe(None, base=base, allow_code=False, check_machine=False).eval.validate == base["eval"]["validate"]

@@ -1,11 +1,12 @@
 """`fledge eval`: parsing and printing; the work is in fledge.evaluate.run (a run generates) and
 fledge.evaluate.score (scoring files of generations).
 
-    fledge eval RUN --data val.jsonl [--baseline RUN2 | --baseline base.jsonl] [--validate dot]...
+    fledge eval RUN [--data val.jsonl] [--baseline RUN2 | --baseline base.jsonl] [--validate dot]...
                 [--target ppl=20]... [--max-new-tokens N] [--batch-size N] [--temperature T] [--seed S]
                 [--label L] [--no-generate] [--allow-code] [--device cpu] [-o OUT_DIR] [--json]
     fledge eval --data val.jsonl --outputs tuned.jsonl [--baseline base.jsonl] [--validate dot]...
                 [--target dot=0.9]... [--field generation] [-o OUT_DIR] [--json]
+    fledge eval RUN --lm-eval TASK_DIR [--task NAME]... [--limit N] [--lm-eval-chat]   (fledge.evaluate.lmeval)
 
 `register(subparsers)` adds the `eval` verb to the main parser.
 """
@@ -23,13 +24,15 @@ from fledge.errors import RecipeError
 EXIT_TARGET_MISSED = 3
 
 EPILOG = """\
-With RUN: the run (its best checkpoint) computes its loss, perplexity and bits per byte on the data
-rows (answer tokens only for a fine-tune, rendered with its own template), then answers every row
-with a prompt (greedy unless --temperature, stopping at its template's end of turn); the answers are
-scored as below. --baseline is then another run or checkpoint (prompted with the SAME template and
-decoding; a base without a template gets the run's) or a file of fixed outputs. Results go to
-RUN/eval/LABEL/ (LABEL: the data file's stem, or --label). loss, ppl and bpb targets are met at or
-below the value.
+With RUN: what --data, --validate, --target and --max-new-tokens leave out comes from the run's
+recipe (eval.data, else its validation rows; eval.validate; eval.targets; eval.max_new_tokens),
+and the output says which. The run (its best checkpoint) computes its loss, perplexity and bits
+per byte on the data rows (answer tokens only for a fine-tune, rendered with its own template),
+then answers every row with a prompt (greedy unless --temperature, stopping at its template's end
+of turn); the answers are scored as below. --baseline is then another run or checkpoint (prompted
+with the SAME template and decoding; a base without a template gets the run's) or a file of fixed
+outputs. Results go to RUN/eval/LABEL/ (LABEL: the data file's stem, or --label). loss, ppl and
+bpb targets are met at or below the value.
 
 With --outputs: one JSON object per data row, in the same order, with the generated text in
 "generation" (or --field): {"generation": "digraph { a -> b }"}. The reference is each data
@@ -57,7 +60,9 @@ def register(subparsers: Any) -> None:
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", default=None,
                    help="a run folder (its best checkpoint) or a checkpoint folder that generates the outputs")
-    p.add_argument("--data", required=True, metavar="FILE", help="data file whose rows are prompted (references)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="data file whose rows are prompted (references); with RUN, default: the recipe's eval.data, "
+                        "else the run's validation rows")
     p.add_argument("--outputs", default=None, metavar="FILE",
                    help="score these generations instead of a run's: one JSON object per data row")
     p.add_argument("--baseline", default=None, metavar="RUN_OR_FILE",
@@ -99,6 +104,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's own generator and, with RUN and "
                                                        "--temperature, of sampling (default: 0)")
     p.add_argument("--json", action="store_true", help="print summary.json instead of the table")
+    lm = p.add_argument_group("with RUN and --lm-eval (pip install 'fledge[lm-eval]'; docs/lm-eval.md)")
+    lm.add_argument("--lm-eval", default=None, metavar="TASK_DIR",
+                    help="score RUN with lm-evaluation-harness on the YAML tasks in TASK_DIR, offline "
+                         "(results in RUN/eval/lm-eval/, or -o DIR)")
+    lm.add_argument("--task", action="append", default=None, metavar="NAME",
+                    help="a task of TASK_DIR to run (repeatable; default: every task there)")
+    lm.add_argument("--limit", type=float, default=None, metavar="N",
+                    help="the first N documents of each task (below 1: that share)")
+    lm.add_argument("--lm-eval-chat", action="store_true",
+                    help="render each request with the run's chat template (lm-eval's apply_chat_template)")
     p.set_defaults(func=run_eval)
 
 
@@ -129,6 +144,13 @@ def parse_targets(flags: list[str]) -> dict[str, float]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.lm_eval is not None:
+        return _run_lm_eval(args)
+    lm_only = [flag for flag, value in (("--task", args.task), ("--limit", args.limit),
+                                        ("--lm-eval-chat", args.lm_eval_chat)) if value]
+    if lm_only:
+        raise RecipeError(f"{', '.join(lm_only)} only appl{'y' if len(lm_only) > 1 else 'ies'} with --lm-eval TASK_DIR; "
+                          f"add it, or drop {'them' if len(lm_only) > 1 else 'it'}.")
     if args.run is not None and args.outputs is not None:
         raise RecipeError(f"fledge eval: RUN and --outputs both given; give RUN ({args.run}) to generate with the "
                           f"run, or --outputs FILE to score existing generations, not both.")
@@ -136,6 +158,9 @@ def run_eval(args: argparse.Namespace) -> int:
         raise RecipeError("fledge eval: nothing to evaluate; give a RUN to generate with (fledge eval runs/NAME --data "
                           "FILE) or --outputs FILE to score existing generations (one JSON object per data row, text "
                           "in \"generation\").")
+    if args.run is None and args.data is None:
+        raise RecipeError("fledge eval --outputs FILE needs --data FILE: the rows the outputs answer, in the same "
+                          "order (their references).")
     if args.resamples < 1:
         raise RecipeError(f"--resamples {args.resamples}: the bootstrap needs at least 1 resample (e.g. 10000)")
     result = _evaluate_run(args) if args.run is not None else _score_outputs(args)
@@ -146,10 +171,33 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0 if result.targets_met else EXIT_TARGET_MISSED
 
 
+def _run_lm_eval(args: argparse.Namespace) -> int:
+    """`fledge eval RUN --lm-eval TASK_DIR`: fledge.evaluate.lmeval.run_lm_eval, printing its results."""
+    from fledge.evaluate.lmeval import run_lm_eval
+    if args.run is None:
+        raise RecipeError("fledge eval --lm-eval TASK_DIR needs a RUN to score: fledge eval runs/NAME --lm-eval DIR")
+    others = [flag for flag, value in (("--data", args.data), ("--outputs", args.outputs),
+                                       ("--baseline", args.baseline), ("--validate", args.validate),
+                                       ("--target", args.target), ("--label", args.label),
+                                       ("--no-generate", args.no_generate)) if value]
+    if others:
+        raise RecipeError(f"{', '.join(others)} {'do' if len(others) > 1 else 'does'} not apply with --lm-eval: "
+                          f"lm-evaluation-harness scores the tasks of {args.lm_eval}. Run fledge eval twice.")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = run_lm_eval(args.run, args.lm_eval, args.task, out=args.out_dir, limit=limit,
+                          batch_size=args.batch_size, device=args.device, chat=args.lm_eval_chat,
+                          allow_code=args.allow_code, say=None if args.json else print)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
 def _evaluate_run(args: argparse.Namespace):
     from fledge.data.records import FieldMap
     from fledge.evaluate.run import evaluate_run
-    return evaluate_run(args.run, args.data, validators=args.validate, targets=parse_targets(args.target),
+    # A flag left out is None: evaluate_run takes it from the run's recipe (eval:) and says so.
+    return evaluate_run(args.run, args.data, validators=args.validate or None,
+                        targets=parse_targets(args.target) if args.target else None,
                         baseline=args.baseline, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                         temperature=args.temperature, seed=args.seed, label=args.label, allow_code=args.allow_code,
                         generate=not args.no_generate, fields=FieldMap(args.input_field or "", args.output_field or ""),

@@ -82,7 +82,7 @@ class NamedValidator:
 
     label: str
     spec: str
-    validator: Validator
+    validator: Validator | None      # None: planned only (plan_validators), not built
 
     @property
     def is_vocabulary(self) -> bool:
@@ -144,6 +144,19 @@ def _option_value(value: str, default: Any, where: str) -> Any:
 
 def build_validators(specs: Sequence[str]) -> list[NamedValidator]:
     """Validators from flags, each with a unique metric name; every problem is raised here, before scoring."""
+    return [NamedValidator(label, spec, resolve_validator(name, options))
+            for spec, name, options, label in _plan_validators(specs)]
+
+
+def plan_validators(specs: Sequence[str]) -> list[NamedValidator]:
+    """The validators `build_validators` would build, with their metric names, but not built: no code
+    is imported and no file read (validator None). For checking metric names, e.g. a recipe's
+    eval.targets, where the validators may not be built here. RecipeError as build_validators."""
+    return [NamedValidator(label, spec, None) for spec, _, _, label in _plan_validators(specs)]
+
+
+def _plan_validators(specs: Sequence[str]) -> list[tuple[str, str, dict, str]]:
+    """(flag, validator name, options, metric name) per flag; syntax and names checked."""
     parsed = [(str(spec).strip(), *parse_validator_flag(spec)) for spec in specs]
     names = [name for _, name, _ in parsed]
     if names.count("vocabulary") > 1:
@@ -158,7 +171,7 @@ def build_validators(specs: Sequence[str]) -> list[NamedValidator]:
             raise RecipeError(f"--validate {spec!r}: {label!r} is the name of a built-in metric; register the "
                               "validator under another name")
         labels.add(label)
-        out.append(NamedValidator(label, spec, resolve_validator(name, options)))
+        out.append((spec, name, options, label))
     return out
 
 

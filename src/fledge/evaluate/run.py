@@ -5,12 +5,21 @@ answers generated and scored, and the same for a baseline on the same rows.
     result = evaluate_run("runs/dot", "val.jsonl", validators=["dot"], baseline="runs/dot-base",
                           targets={"dot": 0.9, "ppl": 20})
     print(result.format())       # already written: runs/dot/eval/val/summary.json and rows.jsonl
+    evaluate_run("runs/dot")     # data, validators and targets from the run's recipe (eval: section)
 
 What happens, in order (every option and target is checked before a model loads):
 
-- The run loads with `fledge.sample.load_for_inference` (its best checkpoint by validation loss,
-  else its latest), and the rows are read with fledge.data.records: any row format, with
-  `fields` mapping a pair's field names.
+- Defaults from the run's recipe (the recipe.yaml of the checkpoint evaluated), for what the call
+  leaves out (None): the data is `eval.data`, else the run's validation rows (data.val_rows, or
+  the data.val_fraction split of data.rows, rebuilt exactly as training split them); validators
+  are `eval.validate` (not with generate=False), targets `eval.targets` (only those this
+  evaluation computes), and `eval.max_new_tokens` when above 0. Each default taken is said (to
+  `say`) and listed in the result's settings["from_recipe"]. A validator from the recipe that
+  names code (pkg.module:function) is run only with `allow_code`.
+
+- The run loads with `fledge.sample.load_for_inference` (its best checkpoint, by validation loss
+  or train.select_by, else its latest), and the rows are read with fledge.data.records: any row
+  format, with `fields` mapping a pair's field names.
 - Loss. A fine-tune (its checkpoint has a template) renders each row as training renders it
   (`fledge.train.rows`, the run's template and `template.system`; a row with its own system
   message keeps it), and only answer tokens are scored: every answer of the row and its end
@@ -66,7 +75,7 @@ from fledge.data.records import FieldMap, Record
 from fledge.data.sources import ROW_SUFFIXES, refuse_overwrite
 from fledge.errors import CheckpointError, DataError, RecipeError
 from fledge.evaluate.loss import row_losses
-from fledge.evaluate.metrics import NamedValidator
+from fledge.evaluate.metrics import NamedValidator, parse_validator_flag, plan_validators
 from fledge.evaluate.score import (EvalResult, SystemOutput, as_validators, assemble_result, check_targets,
                                    metric_names, read_data, read_outputs)
 from fledge.train.batches import IGNORE
@@ -76,7 +85,8 @@ PROGRESS_EVERY_S = 5.0            # seconds between progress lines
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def evaluate_run(run: str | Path, data_file: str | Path, *, validators: Sequence[str | NamedValidator] = (),
+def evaluate_run(run: str | Path, data_file: str | Path | None = None, *,
+                 validators: Sequence[str | NamedValidator] | None = None,
                  targets: Mapping[str, float] | None = None, baseline: str | Path | None = None,
                  max_new_tokens: int | None = None, batch_size: int = 16, temperature: float = 0.0, seed: int = 0,
                  label: str | None = None, allow_code: bool = False, progress: bool = True, generate: bool = True,
@@ -87,26 +97,41 @@ def evaluate_run(run: str | Path, data_file: str | Path, *, validators: Sequence
     """Evaluate `run` on the rows of `data_file` (module docstring), write the result and return it.
 
     validators, targets: as `fledge.evaluate.score.score_outputs`, plus loss, ppl and bpb targets.
-    generate=False computes the loss only. names: what the table calls the run and the baseline
+    data_file, validators, targets or max_new_tokens None: the run's recipe's (module docstring);
+    give [] or {} for none. generate=False computes the loss only. names: what the table calls the run and the baseline
     (default: their folder names, or the outputs file's stem). say: where progress lines go
     (default: stderr when `progress`). Raises RecipeError for a bad option, CheckpointError for a
     run without a usable checkpoint, DataError for bad rows or nothing to score."""
     say = say or (_stderr if progress else _silent)
-    named = as_validators(validators)
-    _check_options(named, generate, max_new_tokens, batch_size, temperature, seed, label)
+    named = as_validators(validators) if validators is not None else None
+    _check_options(named or [], generate, max_new_tokens, batch_size, temperature, seed, label)
+    defaults = None
+    if data_file is None or validators is None or targets is None or max_new_tokens is None:
+        defaults = recipe_defaults(run, data_file, validators, targets, max_new_tokens, generate=generate,
+                                   allow_code=allow_code)
+        data_file, validators, targets, max_new_tokens = (defaults.data_file, defaults.validators, defaults.targets,
+                                                          defaults.max_new_tokens)
+        for line in defaults.notes:
+            say(line)
+    named = named if named is not None else as_validators(validators)
     checked = check_targets(targets or {}, metric_names(named, generations=generate, losses=True))
     baseline_kind = _baseline_kind(baseline) if baseline is not None else None
     if baseline_kind == "outputs" and not generate:
         raise RecipeError(f"--baseline {baseline} is a file of outputs, which has no loss to compare, and "
                           f"--no-generate makes no outputs; drop one of them.")
-    records = read_data(data_file, fields)
     from fledge.sample import inference_device, load_for_inference
+    if data_file is not None:
+        records, data_name, inputs = read_data(data_file, fields), str(data_file), [data_file]
+        data_label = Path(data_file).stem
+    else:
+        records, data_name, inputs = defaults.records(), defaults.data_name, defaults.inputs
+        data_label = "val"
     device = inference_device(device)
     loaded = load_for_inference(run, device, allow_code=allow_code)
     subject = Subject.of(loaded, names[0] or run_name(loaded.checkpoint))
     folder = Path(out_dir) if out_dir is not None else (
-        run_folder(Path(run), loaded.checkpoint) / EVAL_DIR / (label or Path(data_file).stem))
-    _refuse_overwrite(folder, [data_file] + ([baseline] if baseline_kind == "outputs" else []))
+        run_folder(Path(run), loaded.checkpoint) / EVAL_DIR / (label or data_label))
+    _refuse_overwrite(folder, inputs + ([baseline] if baseline_kind == "outputs" else []))
     encoded = encode_rows(subject, records)
     # Everything about the baseline that can fail is checked before either model runs (both stay loaded).
     base, base_encoded, base_texts = None, None, None
@@ -133,7 +158,7 @@ def evaluate_run(run: str | Path, data_file: str | Path, *, validators: Sequence
             reason = (f"{subject.label} and {base.label} score different token ids (another tokenizer, or another "
                       f"rendering of the same text), so a loss per token means different things")
             about.append(f"{reason}: bits per byte is the comparison")
-    result = assemble_result(str(data_file), records, named, tuned, base_output, targets=checked,
+    result = assemble_result(data_name, records, named, tuned, base_output, targets=checked,
                              compare_losses=compare_losses, loss_reason=reason, resamples=resamples, seed=seed,
                              level=level)
     result.about = about
@@ -141,12 +166,104 @@ def evaluate_run(run: str | Path, data_file: str | Path, *, validators: Sequence
     result.settings = {"run": str(run), "checkpoint": str(loaded.checkpoint), "baseline": baseline_kind,
                        "template": subject.template.name if subject.template else None,
                        "loss_scope": "answer tokens" if subject.template else "text",
-                       "generate": generate, **decoding.settings()}
+                       "generate": generate, **decoding.settings(),
+                       "from_recipe": defaults.notes if defaults is not None else []}
     result.write(folder)
     return result
 
 
 # --- options and paths ---------------------------------------------------------------------------
+
+# --- defaults from the run's recipe ----------------------------------------------------------------
+
+@dataclass
+class RecipeDefaults:
+    """What a run's recipe (its `eval:` section and validation rows) gives an evaluation."""
+
+    data_file: str | None            # None: the run's validation rows (`records`)
+    validators: list
+    targets: dict
+    max_new_tokens: int | None
+    notes: list[str]                 # each default taken, in words
+    data_name: str = ""              # the validation rows, in words
+    inputs: list = ()                # the files they come from
+    records: Callable[[], list] = list      # reads them (after the options are checked)
+
+
+def recipe_defaults(run: str | Path, data_file, validators, targets, max_new_tokens, *, generate: bool = True,
+                    allow_code: bool = False) -> RecipeDefaults:
+    """The values left out (None) taken from the run's recipe (module docstring); given ones are kept."""
+    from fledge.model.bases import load_checkpoint_recipe
+    from fledge.sample import resolve_checkpoint
+    checkpoint = resolve_checkpoint(run)
+    recipe = load_checkpoint_recipe(checkpoint, allow_code)
+    e, where = recipe.eval, checkpoint / "recipe.yaml"
+    taken: list[str] = []
+    out = RecipeDefaults(data_file, list(validators) if validators is not None else [], dict(targets or {}),
+                         max_new_tokens, [])
+    if validators is None and e.validate and generate:
+        code = [spec for spec in e.validate if ":" in parse_validator_flag(spec)[0]]
+        if code and not allow_code:
+            raise RecipeError(f"{where}: eval.validate names code to import and run ({', '.join(code)}); pass "
+                              f"--allow-code (allow_code=True) if you trust this run, or give --validate instead.")
+        out.validators = list(e.validate)
+        taken.append(f"--validate {' '.join(e.validate)} (eval.validate)")
+    if targets is None and e.targets:
+        computed = metric_names(plan_validators(out.validators), generations=generate, losses=True)
+        kept = {name: value for name, value in e.targets.items() if name in computed}
+        out.targets = kept
+        if kept:
+            taken.append("targets " + ", ".join(f"{n}={v:g}" for n, v in kept.items()) + " (eval.targets)")
+        dropped = [name for name in e.targets if name not in kept]
+        if dropped:
+            taken.append(f"not {', '.join(dropped)} of eval.targets: this evaluation does not compute "
+                         f"{'them' if len(dropped) > 1 else 'it'}")
+    if max_new_tokens is None and e.max_new_tokens and generate:
+        out.max_new_tokens = e.max_new_tokens
+        taken.append(f"--max-new-tokens {e.max_new_tokens} (eval.max_new_tokens)")
+    if data_file is None and e.data:
+        out.data_file = e.data
+        taken.insert(0, f"--data {e.data} (eval.data)")
+    elif data_file is None:
+        out.data_name, out.inputs, out.records = _validation_rows(checkpoint, recipe, run)
+        taken.insert(0, f"{out.data_name} (eval.data is empty)")
+    if taken:
+        out.notes = [f"from {where}: " + "; ".join(taken) + ". Flags override these."]
+    return out
+
+
+def _validation_rows(checkpoint: Path, recipe, run) -> tuple[str, list, Callable[[], list]]:
+    """(the validation rows in words, their files, a function reading them): data.val_rows, or the
+    data.val_fraction split of data.rows as training made it (fledge.train.rows, with the
+    checkpoint's tokenizer and template)."""
+    d = recipe.data
+    if not d.rows or not (d.val_rows or d.val_fraction > 0):
+        why = ("it trained on a text corpus, whose validation part is token shards" if not d.rows else
+               "it held no rows out (data.val_fraction 0, no data.val_rows)")
+        raise RecipeError(f"fledge eval {run}: no --data, and the run's recipe has no eval.data and no validation "
+                          f"rows to use instead ({why}). Give --data FILE.")
+    if d.val_rows:
+        inputs = [src.path for src in d.val_rows]
+        name = f"the run's validation rows (data.val_rows: {', '.join(inputs)})"
+    else:
+        inputs = [src.path for src in d.rows]
+        name = (f"the run's validation rows (data.val_fraction {d.val_fraction:g} of data.rows, split by "
+                f"data.split_seed {d.split_seed})")
+
+    def read() -> list:
+        from fledge.model.bases import checkpoint_tokenizer
+        from fledge.sample import checkpoint_template
+        from fledge.train.rows import build_row_batches
+        tokenizer = checkpoint_tokenizer(checkpoint)
+        template = checkpoint_template(checkpoint, tokenizer)
+        records = build_row_batches(recipe, tokenizer, template, say=_silent).val_records
+        if not records:
+            raise DataError("no validation rows are left (every one was dropped as too long); give --data FILE.",
+                            path=inputs[0])
+        return records
+
+    return name, inputs, read
+
 
 def _check_options(named, generate, max_new_tokens, batch_size, temperature, seed, label) -> None:
     problems = []

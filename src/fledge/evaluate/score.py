@@ -265,30 +265,40 @@ def read_outputs(outputs_file: str | Path, records: Sequence[Record], field_name
 
 def check_targets(targets: Mapping[str, float], metric_names: Sequence[str]) -> dict[str, float]:
     """The targets as {metric: threshold}; every problem in one line (RecipeError) before anything is scored."""
-    problems = []
-    for name, value in targets.items():
-        if name in LOWER_IS_BETTER and name not in metric_names:
-            problems.append(f"--target {name}: {LOWER_IS_BETTER[name]} needs a model, and scoring an outputs file "
-                            "runs none; evaluate the run instead (fledge eval RUN --data FILE) or drop this target")
-        elif name not in metric_names:
-            if name in VOCABULARY_METRICS:
-                hint = " It comes from the vocabulary validator: add --validate vocabulary:path=WORDS_FILE."
-            elif name in VALIDATORS or ":" in name:
-                hint = f" Add --validate {name} to compute it."
-            else:
-                hint = close_name(name, metric_names)
-            problems.append(f"--target {name}: this evaluation computes no metric {name!r}.{hint} Metrics here: "
-                            f"{', '.join(metric_names)}")
-        elif name in LOWER_IS_BETTER:
-            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                problems.append(f"--target {name}={value}: {LOWER_IS_BETTER[name]} is a positive number, met when "
-                                f"the value is at most the target (e.g. ppl=20)")
-        elif not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            hint = f"; did you mean {value / 100:g}?" if isinstance(value, (int, float)) and 1 < value <= 100 else ""
-            problems.append(f"--target {name}={value}: {name} is a share between 0 and 1{hint}")
+    problems = [f"--target {name}{f'={value}' if shows_value else ''}: {text}"
+                for name, value, shows_value, text in target_problems(targets, metric_names)]
     if problems:
         raise RecipeError("; ".join(problems))
     return {name: float(value) for name, value in targets.items()}
+
+
+def target_problems(targets: Mapping[str, float], metric_names: Sequence[str], *,
+                    add: str = "add --validate {}") -> list[tuple[str, Any, bool, str]]:
+    """(name, value, whether the message is about the value, what is wrong) per bad target. `add`
+    says how a validator is asked for ("add --validate {}" on the command line; a recipe names its key)."""
+    problems = []
+    for name, value in targets.items():
+        if name in LOWER_IS_BETTER and name not in metric_names:
+            problems.append((name, value, False, f"{LOWER_IS_BETTER[name]} needs a model, and scoring an outputs "
+                             "file runs none; evaluate the run instead (fledge eval RUN --data FILE) or drop this "
+                             "target"))
+        elif name not in metric_names:
+            if name in VOCABULARY_METRICS:
+                hint = f" It comes from the vocabulary validator: {add.format('vocabulary:path=WORDS_FILE')}."
+            elif name in VALIDATORS or ":" in name:
+                hint = f" {add.format(name)[:1].upper()}{add.format(name)[1:]} to compute it."
+            else:
+                hint = close_name(name, metric_names)
+            problems.append((name, value, False, f"this evaluation computes no metric {name!r}.{hint} Metrics here: "
+                                                 f"{', '.join(metric_names)}"))
+        elif name in LOWER_IS_BETTER:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                problems.append((name, value, True, f"{LOWER_IS_BETTER[name]} is a positive number, met when the "
+                                                    f"value is at most the target (e.g. ppl=20)"))
+        elif not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+            hint = f"; did you mean {value / 100:g}?" if isinstance(value, (int, float)) and 1 < value <= 100 else ""
+            problems.append((name, value, True, f"{name} is a share between 0 and 1{hint}"))
+    return problems
 
 
 def judge_targets(targets: Mapping[str, float], metrics: Mapping[str, dict]) -> dict[str, dict]:

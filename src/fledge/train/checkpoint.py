@@ -29,8 +29,10 @@ A checkpoint is written to a hidden `.step-000400.tmp` folder, marked as fledge'
 `.fledge-partial` file, and renamed when complete, so a kill at any moment leaves the
 previous checkpoints valid. A full disk removes the temp folder and raises one StorageError
 line; temp folders left by a kill are removed when a run starts or resumes
-(`remove_partial_saves`). `best.json` names the checkpoint with the lowest validation loss,
-which is never deleted; besides it the newest `keep_last` are kept. A checkpoint never holds
+(`remove_partial_saves`). `best.json` names the best checkpoint, which is never deleted: the one
+with the lowest validation loss, or with `train.select_by` a generation metric the one where it
+was highest ({"checkpoint", "select_by", "value", "val_loss"}); besides it the newest `keep_last`
+are kept. A checkpoint never holds
 NaN or infinite weights or validation losses: saving one is refused.
 
 Reading checks each file against integrity.json (sha256 at about 2 GB/s here: a 300 MB model
@@ -100,9 +102,21 @@ class TrainingState:
     tokenizer_sha256: str | None = None
     base_sha256: str | None = None              # adapters: the base they belong to (fledge.model.bases.base_sha256)
     format: int = FORMAT                        # of the checkpoint that holds it (1: before "format" existed)
+    select_by: str = "val_loss"                 # train.select_by: what chose the best checkpoint
+    best_metric: dict | None = None             # select_by a generation metric: {"value", "step", "val_loss"} of
+                                                # its best evaluation (higher is better); evals_without_improvement
+                                                # then counts generation evaluations
+    eval_metrics: dict | None = None            # the latest generation evaluation (eval.every): {metric: share}
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def chosen(self) -> tuple[int | None, float | None, float | None]:
+        """(step, value of select_by, val loss) of the best evaluation so far."""
+        if self.select_by == "val_loss":
+            return self.best_step, self.best_val_loss, self.best_val_loss
+        best = self.best_metric or {}
+        return best.get("step"), best.get("value"), best.get("val_loss")
 
     @classmethod
     def from_json(cls, data: dict) -> TrainingState:
@@ -118,6 +132,9 @@ class TrainingState:
                 raise ValueError(f"state.json {name} is {value!r}")
         if "step" not in values:
             raise ValueError("state.json has no step")
+        best = values.get("best_metric")
+        if best is not None and not (isinstance(best.get("step"), int) and isinstance(best.get("value"), _NUMBER)):
+            raise ValueError(f"state.json best_metric is {best!r}")
         return cls(**values)
 
 
@@ -127,7 +144,8 @@ _STATE_TYPES = {"step": (int,), "val_loss": (*_NUMBER, type(None)), "best_val_lo
                 "first_train_loss": (*_NUMBER, type(None)), "train_loss": (*_NUMBER, type(None)),
                 "evals_without_improvement": (int,), "elapsed_s": _NUMBER, "vocab_size": (int, type(None)),
                 "tokenizer_sha256": (str, type(None)), "base_sha256": (str, type(None)),
-                "format": (int,)}
+                "format": (int,), "select_by": (str,), "best_metric": (dict, type(None)),
+                "eval_metrics": (dict, type(None))}
 
 
 def checkpoint_name(step: int) -> str:
@@ -173,15 +191,16 @@ def best_checkpoint(run_dir: Path, verify: bool = True) -> Path | None:
         return None
     try:
         record = json.loads(marker.read_text(encoding="utf-8"))
-        name, val = record["checkpoint"], float(record["val_loss"])
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        name, by = record["checkpoint"], str(record.get("select_by", "val_loss"))
+        val = float(record["value" if "value" in record else "val_loss"])     # older ones: val_loss only
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         note(f"ignoring {marker}: it is unreadable ({type(e).__name__}); the best checkpoint is unknown")
         return None
     if not isinstance(name, str) or not STEP_DIR.fullmatch(name):
         note(f"ignoring {marker}: it names {name!r}, which is not a checkpoint folder of this run")
         return None
     if not math.isfinite(val):
-        note(f"ignoring {marker}: its validation loss is {val}")
+        note(f"ignoring {marker}: its {'validation loss' if by == 'val_loss' else by} is {val}")
         return None
     path = root / name
     if not path.is_dir():
@@ -521,11 +540,11 @@ def remove_partial_saves(run_dir: Path) -> list[Path]:
 
 def _update_best_marker(root: Path, state: TrainingState) -> None:
     """Point best.json at the state's best step when that checkpoint exists and it points elsewhere."""
-    step, val = state.best_step, state.best_val_loss
-    if step is None or val is None or not math.isfinite(val) or not (root / checkpoint_name(step)).is_dir():
+    step, value, val = state.chosen()
+    if step is None or value is None or not math.isfinite(value) or not (root / checkpoint_name(step)).is_dir():
         return
     marker = root / "best.json"
-    record = {"checkpoint": checkpoint_name(step), "val_loss": val}
+    record = {"checkpoint": checkpoint_name(step), "select_by": state.select_by, "value": value, "val_loss": val}
     try:
         if json.loads(marker.read_text(encoding="utf-8")) == record:
             return

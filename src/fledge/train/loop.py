@@ -17,16 +17,20 @@ cosine decay and gradient accumulation, the loss normalised per target token
 checkpointing atomically. Under `torchrun` it runs data-parallel: each process takes its
 slice of every global batch, only rank 0 logs and writes.
 
-A step is one unit: it is applied, counted, logged, evaluated and saved together. Ctrl-C
-asks the loop to stop after the step in flight, which then saves a checkpoint and returns
-(a second Ctrl-C stops at once and loses that step). A NaN or infinite loss, gradient norm
-or validation loss stops the run with `TrainingDiverged` before that update is applied or
-anything is saved. Trainable parameters that did not train in the first step stop it with
-`LearningError` (fledge.train.summary). `train.early_stop_patience` evaluations in a row
-without improvement stop it early; the best checkpoint is kept. Resuming restores weights,
-optimizer and RNG states last, and nothing after that draws from the global RNG, so a
-resumed run repeats the uninterrupted one bit for bit, dropout included. Every run ends
-with a summary line: losses at start and end, trainable share, weight change, steps, tokens.
+A step is one unit: it is applied, counted, logged, evaluated and saved together. Ctrl-C asks
+the loop to stop after the step in flight, which then saves a checkpoint and returns (a second
+Ctrl-C stops at once and loses that step). A NaN or infinite loss, gradient norm or validation
+loss stops the run with `TrainingDiverged` before that update is applied or anything is saved.
+Trainable parameters that did not train in the first step stop it with `LearningError`
+(fledge.train.summary). With `eval.every`, the main process also answers a fixed subset of
+held-out rows every eval.every steps and scores the answers (fledge.train.evalstage); the
+other processes receive the scores. `train.select_by` (val_loss, or one of those metrics)
+picks the best checkpoint (best.json and state.json say which), and
+`train.early_stop_patience` evaluations of it in a row without improvement stop the run early;
+the best checkpoint is kept. Resuming restores weights, optimizer and RNG states last, and
+nothing after that draws from the global RNG, so a resumed run repeats the uninterrupted one
+bit for bit, dropout included. Every run ends with a summary line: losses at start and end,
+trainable share, weight change, steps, tokens.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from fledge.train.batches import BatchSource
 from fledge.train.checkpoint import TrainingState
 from fledge.train.data import WindowBatches
 from fledge.train.distributed import Distributed
+from fledge.train.evalstage import (EvalStage, build_eval_stage, format_selection, generation_due,
+                                    judge_selection)
 from fledge.train.finetune import FineTune
 from fledge.train.report import Reporter
 from fledge.train.schedule import learning_rate
@@ -71,6 +77,9 @@ class TrainResult:
     interrupted: bool = False
     first_val_loss: float | None = None
     stopped_early: bool = False         # train.early_stop_patience ended the run before max_steps
+    select_by: str = "val_loss"         # train.select_by: what chose best_checkpoint
+    best_metric: float | None = None    # select_by a generation metric: its best value (best_checkpoint's)
+    eval_metrics: dict | None = None    # the last generation evaluation's {metric: share} (eval.every)
 
 
 @dataclass
@@ -89,6 +98,7 @@ class Setup:
     rows_tokenizer: bool = False    # state.tokenizer_sha256 is of the fine-tune's tokenizer, not of prepared data
     watch: WeightWatch | None = None
     notes: list[str] = field(default_factory=list)    # said once the run's first line is out
+    evals: EvalStage | None = None  # eval.every's generation evaluations (on the main process only)
 
 
 def prepare_data(recipe: Recipe, progress: bool = True) -> None:
@@ -152,6 +162,9 @@ def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed, sour
     peak = _peak_flops(s, precision, dist) if dist.is_main else None
     if start_from:
         _restore(s, Path(start_from))      # RNG states included: nothing below draws from the global RNG
+    _start_selection(s.state, t, s.notes)
+    if recipe.eval.every:
+        s.notes.append(dist.run_on_main(_build_eval_stage, s, recipe, dist.device))
     _wrap(s, t, dist)
     start_step = s.state.step
     s.watch = WeightWatch(s.raw_model, first_step=start_step == 0, keep_start=dist.is_main)
@@ -168,7 +181,27 @@ def _train(recipe: Recipe, resume: bool, progress: bool, dist: Distributed, sour
     st = s.state
     return TrainResult(run_dir, step, st.val_loss, st.best_val_loss, ckpt.best_checkpoint(run_dir, verify=False),
                        ckpt.latest_checkpoint(run_dir, verify=False), ended == "interrupted", st.first_val_loss,
-                       ended == "stopped early")
+                       ended == "stopped early", st.select_by, (st.best_metric or {}).get("value"),
+                       st.eval_metrics)
+
+
+def _start_selection(st: TrainingState, t, notes: list[str]) -> None:
+    """The state follows train.select_by; a resumed run whose checkpoint selected by another metric
+    starts the best checkpoint's choice and the early-stopping count over, and says so."""
+    if st.select_by == t.select_by:
+        return
+    if st.step:
+        notes.append(f"train.select_by is {t.select_by} now and was {st.select_by}: the choice of the best "
+                     f"checkpoint and the early-stopping count start over at step {st.step}")
+    st.select_by, st.best_metric, st.evals_without_improvement = t.select_by, None, 0
+
+
+def _build_eval_stage(s: Setup, recipe: Recipe, device) -> str:
+    """eval.every's stage on the main process (its rows, prompts, validators); a line describing it."""
+    ft = s.finetune
+    s.evals = build_eval_stage(recipe, s.raw_model, ft.tokenizer if ft else s.tokenizer, ft.template if ft else None,
+                               s.source, device)
+    return s.evals.describe(recipe.eval.every)
 
 
 def _quiet(text: str) -> None:
@@ -374,27 +407,25 @@ class _StopRequests:
 
 def _evaluate_and_checkpoint(s: Setup, recipe: Recipe, step: int, precision, dist: Distributed,
                              report: Reporter, started: float) -> tuple[bool, bool]:
-    """Evaluate when due; save when due, when validation improved, or when stopping early.
+    """Evaluate when due: validation loss every train.eval_every steps, and with it generated answers
+    every eval.every steps. Save when due, when train.select_by improved, or when stopping early.
     Returns (whether it saved, whether early stopping ends the run here)."""
     t, st = recipe.train, s.state
+    generating = generation_due(recipe, step)
+    selection = None        # (improved, better by more than min_delta) when train.select_by was measured here
+    if _evaluation_due(t, step) or generating:
+        if s.validates:
+            selection = _validate(s, recipe, step, precision, dist, report, started)
+        else:
+            _sample(s, recipe, precision, dist, report, step)
+    if generating:
+        selection = _generate(s, recipe, step, precision, dist, report, started) or selection
     improved = stopping = False
-    if _evaluation_due(t, step) and not s.validates:
-        _sample(s, recipe, precision, dist, report, step)
-    elif _evaluation_due(t, step):
-        val = _evaluate(s, recipe, precision, dist, report, step)
-        if not math.isfinite(val):
-            raise TrainingDiverged(f"training diverged by step {step}: the validation loss is {val}, and no "
-                                   f"checkpoint is saved from it. {divergence_advice(recipe, precision)}")
-        best = st.best_val_loss
+    if selection is not None:
         # Early stopping counts evaluations that did not beat the best by more than min_delta; the
         # best checkpoint follows any improvement.
-        better = best is None or val < best - t.early_stop_min_delta
+        improved, better = selection
         st.evals_without_improvement = 0 if better else st.evals_without_improvement + 1
-        st.val_loss = val
-        improved = best is None or val < best
-        if improved:
-            st.best_val_loss, st.best_step = val, step
-        report.evaluation(step, val, improved, time.perf_counter() - started)
         stopping = bool(t.early_stop_patience) and st.evals_without_improvement >= t.early_stop_patience \
             and step < t.max_steps
     saved = improved or stopping or (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps
@@ -402,11 +433,61 @@ def _evaluate_and_checkpoint(s: Setup, recipe: Recipe, step: int, precision, dis
         st.elapsed_s = time.perf_counter() - started
         _save(s, recipe, step, dist)
     if stopping:
-        report.say(f"stopping early at step {step}: val loss has not fallen more than {t.early_stop_min_delta:g} "
-                   f"below the best ({st.best_val_loss:.4f} at step {st.best_step}) in {st.evals_without_improvement} "
-                   f"evaluations in a row (train.early_stop_patience). The best checkpoint is "
-                   f"{ckpt.checkpoint_name(st.best_step)}.")
+        report.say(_early_stop_text(st, t, step))
     return bool(saved), stopping
+
+
+def _validate(s: Setup, recipe: Recipe, step: int, precision, dist: Distributed, report: Reporter,
+              started: float) -> tuple[bool, bool] | None:
+    """The validation loss (and the sample prompts); its selection when train.select_by is val_loss."""
+    t, st = recipe.train, s.state
+    val = _evaluate(s, recipe, precision, dist, report, step)
+    if not math.isfinite(val):
+        raise TrainingDiverged(f"training diverged by step {step}: the validation loss is {val}, and no "
+                               f"checkpoint is saved from it. {divergence_advice(recipe, precision)}")
+    improved, better = judge_selection(val, st.best_val_loss, "val_loss", t.early_stop_min_delta)
+    st.val_loss = val
+    if improved:
+        st.best_val_loss, st.best_step = val, step
+    by_loss = t.select_by == "val_loss"
+    report.evaluation(step, val, improved and by_loss, time.perf_counter() - started)
+    return (improved, better) if by_loss else None
+
+
+def _generate(s: Setup, recipe: Recipe, step: int, precision, dist: Distributed, report: Reporter,
+              started: float) -> tuple[bool, bool] | None:
+    """eval.every's answers, generated and scored on the main process and sent to every process; the
+    selection when train.select_by is one of their metrics."""
+    t, st = recipe.train, s.state
+    scores = dist.run_on_main(_generate_on_main, s, precision)
+    st.eval_metrics = {name: m["value"] for name, m in scores["metrics"].items()}
+    selection = None
+    if t.select_by != "val_loss":
+        value = scores["metrics"][t.select_by]["value"]
+        selection = judge_selection(value, (st.best_metric or {}).get("value"), t.select_by, t.early_stop_min_delta)
+        if selection[0]:
+            st.best_metric = {"value": value, "step": step, "val_loss": st.val_loss if s.validates else None}
+    report.generation(step, scores, t.select_by, bool(selection and selection[0]), time.perf_counter() - started)
+    return selection
+
+
+def _generate_on_main(s: Setup, precision) -> dict:
+    return s.evals.run(precision)
+
+
+def _early_stop_text(st: TrainingState, t, step: int) -> str:
+    n = st.evals_without_improvement
+    if t.select_by == "val_loss":
+        return (f"stopping early at step {step}: val loss has not fallen more than {t.early_stop_min_delta:g} "
+                f"below the best ({st.best_val_loss:.4f} at step {st.best_step}) in {n} evaluations in a row "
+                f"(train.early_stop_patience). The best checkpoint is {ckpt.checkpoint_name(st.best_step)}.")
+    best_step, value, _ = st.chosen()
+    if best_step is None:
+        return (f"stopping early at step {step}: {t.select_by} could not be judged on any row in {n} generation "
+                f"evaluations in a row (train.early_stop_patience); no checkpoint is the best by it.")
+    return (f"stopping early at step {step}: {t.select_by} has not risen more than {t.early_stop_min_delta:g} above "
+            f"the best ({format_selection(t.select_by, value)} at step {best_step}) in {n} generation evaluations "
+            f"in a row (train.early_stop_patience). The best checkpoint is {ckpt.checkpoint_name(best_step)}.")
 
 
 def _evaluate(s: Setup, recipe: Recipe, precision, dist, report, step: int, sample: bool = True) -> float:
@@ -520,7 +601,7 @@ def check_resumable(checkpoint: Path, recipe: Recipe) -> list[str]:
         saved["model"]["arch"] = saved_arch
     now = recipe.to_dict()
     fatal, notes = [], []
-    for section in ("model", "tokenizer", "finetune", "template", "data", "train"):
+    for section in ("model", "tokenizer", "finetune", "template", "data", "train", "eval"):
         for key in now[section]:
             a, b = saved.get(section, {}).get(key), now[section][key]
             if a != b:
@@ -627,6 +708,11 @@ def _summarize(s: Setup, recipe: Recipe, dist: Distributed, report: Reporter, st
         last_train=st.train_loss, first_val=st.first_val_loss, last_val=st.val_loss, best_val=st.best_val_loss,
         best_step=st.best_step, counts=parameter_counts(s.raw_model), change=s.watch.change_norm(),
         since_step=start_step, not_measured=s.watch.not_kept))
+    if st.select_by != "val_loss":
+        best_step, value, _ = st.chosen()
+        report.say(f"best checkpoint by {st.select_by} (train.select_by): "
+                   + (f"{ckpt.checkpoint_name(best_step)}, {format_selection(st.select_by, value)}"
+                      if best_step is not None else "none, no evaluation could judge it"))
     line = learning_verdict(st.first_val_loss, st.val_loss, st.best_val_loss, recipe.run_path) if verdict else None
     if line:
         report.say(line)

@@ -1,8 +1,9 @@
 """What a run tells the user and writes down: progress lines, metrics.jsonl, TensorBoard.
 
 Only the main process reports. `metrics.jsonl` gets one JSON object per logged step
-(`loss`, `lr`, `tokens_per_s`, `mfu`), per evaluation (`val_loss`, `val_ppl`) and per
-sampling (`samples`). On resume, rows after the resumed step are dropped first, so the
+(`loss`, `lr`, `tokens_per_s`, `mfu`), per evaluation (`val_loss`, `val_ppl`), per generation
+evaluation (`eval_metrics` {metric: share or null}, `eval_counts` {metric: {k, n, unjudged}},
+`eval_rows`, `eval_seconds`, `eval_targets` {metric: met}) and per sampling (`samples`). On resume, rows after the resumed step are dropped first, so the
 file always describes one continuous run; a line a kill or a full disk left half-written
 is dropped too, with a note.
 """
@@ -37,6 +38,7 @@ class Reporter:
         self.max_steps = max_steps
         self.progress = None
         self.writer = None
+        self.noted: set[str] = set()        # notes of generation evaluations already said
         if not enabled:
             return
         dropped = truncate_metrics(self.metrics_path, start_step)
@@ -90,6 +92,23 @@ class Reporter:
         self.write({"step": step, "val_loss": val_loss, "val_ppl": ppl, "elapsed_s": round(elapsed, 3)})
         if self.writer:
             self.writer.add_scalar("val/loss", val_loss, step)
+
+    def generation(self, step: int, scores: dict, select_by: str, best: bool, elapsed: float) -> None:
+        """One generation evaluation (fledge.train.evalstage): its line, new notes once, a metrics row."""
+        if not self.enabled:
+            return
+        from fledge.train.evalstage import format_scores, scores_row
+        self.console.print(format_scores(step, scores, select_by, best))
+        for note in scores["notes"]:
+            if note not in self.noted:
+                self.noted.add(note)
+                self.console.print(f"note: {note}")
+        self.console.file.flush()
+        self.write({"step": step, **scores_row(scores), "elapsed_s": round(elapsed, 3)})
+        if self.writer:
+            for name, m in scores["metrics"].items():
+                if m["value"] is not None:
+                    self.writer.add_scalar(f"eval/{name}", m["value"], step)
 
     def samples(self, step: int, prompts: list[str], texts: list[str]) -> None:
         if not self.enabled:

@@ -4,6 +4,7 @@
     print(batches.stats.format())                              # rows per source, lengths, packing
     batch = batches.train_batch(step, micro, rank, world)      # a pure function of train.seed and these
     for batch in batches.val_batches(rank, world): ...         # fixed: the same at every evaluation
+    batches.val_records                                        # those rows as read: prompts and references
 
 What happens to the rows, in order:
 
@@ -360,6 +361,7 @@ class RowBatches:
 
     def __init__(self, train: list[Row], val: list[Row], weights: Sequence[float], layout: Layout, stats: "RowStats"):
         self.train_rows, self.val_rows, self.layout, self.stats = train, val, layout, stats
+        self.val_records: list[Record] = []      # the validation rows as read (prompts, references), for eval.every
         self.weights = list(weights)
         self.n_train_rows = len(train)
         self._lengths = np.array([len(r) for r in train], dtype=np.int64)
@@ -639,4 +641,7 @@ def build_row_batches(recipe, tokenizer, template, *, say: Callable[[str], Any] 
     stats.tokens_min, stats.tokens_max = int(lengths.min()), int(lengths.max())
     stats.tokens_median = int(np.median(lengths))
     stats.trained_share = sum(r.n_targets for r in train_rows) / max(1, int(lengths.sum()))
-    return RowBatches(train_rows, val_rows, weights, layout, stats)
+    source = RowBatches(train_rows, val_rows, weights, layout, stats)
+    kept = {r.location for r in val_rows}
+    source.val_records = [r.record for r in val_part if r.record.location in kept]
+    return source
