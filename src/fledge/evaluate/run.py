@@ -370,6 +370,8 @@ class Subject:
             from fledge.templates import hf_tokenizer
             from fledge.tokenizer import find_tokenizer_file
             tokenizer = hf_tokenizer(find_tokenizer_file(loaded.checkpoint))
+        if template is not None and _extends(like.tokenizer, tokenizer, template):
+            tokenizer = _as_fine_tuning_started(loaded, like, tokenizer, template, notes)
         subject = cls(label, loaded, tokenizer, template, like.system, window, tuple(notes))
         if template is not None:
             subject.check_template(like)
@@ -389,6 +391,33 @@ class Subject:
 
 def _is_transformers(tokenizer) -> bool:
     return hasattr(tokenizer, "convert_tokens_to_ids")
+
+
+def _extends(run_tokenizer, tokenizer, template) -> bool:
+    """Whether the run's tokenizer is `tokenizer` plus the tokens `template` needs and `tokenizer`
+    lacks (a fine-tune of this base added them): the same token at every id the base has."""
+    from fledge.templates import missing_template_tokens
+    if not (_is_transformers(run_tokenizer) and missing_template_tokens(tokenizer, template)):
+        return False
+    if missing_template_tokens(run_tokenizer, template) or len(run_tokenizer) <= len(tokenizer):
+        return False
+    ours, theirs = tokenizer.get_vocab(), run_tokenizer.get_vocab()
+    return all(theirs.get(token) == i for token, i in ours.items())
+
+
+def _as_fine_tuning_started(loaded, like: "Subject", tokenizer, template, notes: list[str]):
+    """The baseline as its fine-tune started: the run's tokenizer, the added tokens' rows at the
+    mean embedding (fledge.model.adapters.resize_vocab, as fine-tuning initialises them), no update."""
+    from fledge.model.adapters import input_embedding, resize_vocab
+    from fledge.templates import missing_template_tokens
+    added = missing_template_tokens(tokenizer, template)
+    rows = len(like.tokenizer)
+    if input_embedding(loaded.model).weight.shape[0] < rows:
+        resize_vocab(loaded.model, rows)
+    notes.append(f"{loaded.checkpoint} lacks the template's tokens {', '.join(added)}: it is prompted with "
+                 f"{like.label}'s tokenizer, the {rows - len(tokenizer)} added token(s) at the mean embedding as "
+                 f"fine-tuning initialises them, so it is the base as the fine-tune started")
+    return like.tokenizer
 
 
 # --- rows as token ids -----------------------------------------------------------------------------

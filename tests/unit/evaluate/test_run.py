@@ -326,3 +326,21 @@ def test_rows_longer_than_the_window_are_left_out_with_a_note(root, tmp_path):
     assert result.rows[1]["loss"] is None
     assert "short-window: 1 row left out of loss, perplexity and bits per byte (1 longer than the model's " \
            "32-token window)" in result.format()
+
+
+def test_a_base_without_the_template_tokens_is_the_base_as_fine_tuning_started(base, root, tmp_path, capsys):
+    """A chatml fine-tune of a char base added <|im_start|>/<|im_end|>: the base is prompted with the run's
+    tokenizer, the added rows at the mean embedding (as fine-tuning initialises them); its loss is that
+    model's by hand, and the output says so."""
+    from fledge.model.adapters import resize_vocab
+    chat = finetune(root, "chatml-tuned", base, method="lora", template="chatml", steps=20)
+    data = write_jsonl(root / "chat-val.jsonl", [{"input": Q1, "output": A1}, {"input": Q2, "output": A2}])
+    result = evaluate_run(chat.run, data, baseline=base, generate=False, progress=False, out_dir=tmp_path / "o")
+    started = load_for_inference(base).model
+    resize_vocab(started, len(chat.tokenizer))
+    sums = [by_hand(started, chat.tokenizer, chat.template, messages(q, a)) for q, a in ((Q1, A1), (Q2, A2))]
+    expected = sum(s[0] for s in sums) / sum(s[1] for s in sums)
+    summary = result.to_dict()
+    assert summary["baseline_metrics"]["loss"]["value"] == pytest.approx(expected, rel=1e-5)
+    assert any("so it is the base as the fine-tune started" in line for line in result.about)
+    assert summary["comparisons"] and result.format().count("as the fine-tune started") == 1
