@@ -7,6 +7,7 @@
     fledge sample RUN --prompt "..."       # generate from a run's best checkpoint (in its chat template)
     fledge chat RUN                        # talk to a fine-tuned run, turn by turn
     fledge merge RUN [-o DIR]              # fold a run's adapters into full weights (runs/<name>/merged/)
+    fledge export RUN --format hf|gguf [--quant Q ...] [-o DIR]   # transformers folder or GGUF + Modelfile, verified
     fledge eval RUN --data FILE            # loss, perplexity, validators on held-out rows; --baseline compares
     fledge report RUN                      # one self-contained HTML page: curves, evaluations, samples
     fledge env                             # devices, precision, threads, versions, matmul peak
@@ -157,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default=None, metavar="DIR", help="output folder (default: runs/<name>/merged)")
     p.add_argument("--allow-code", action="store_true", help=ALLOW_CODE_HELP)
     p.set_defaults(func=_merge)
+
+    p = verbs.add_parser("export", help="a transformers folder, or GGUF files for llama.cpp with Ollama Modelfiles, "
+                                        "each checked against the run",
+                         description="Export a run's best checkpoint: --format hf writes a transformers folder "
+                                     "(adapters merged); --format gguf writes one GGUF file per --quant with an Ollama "
+                                     "Modelfile beside it. Each is loaded back (transformers, llama.cpp) and compared "
+                                     "with the run on held-out text unless --no-verify.")
+    p.add_argument("run", help="run folder (uses its best checkpoint) or a checkpoint folder")
+    p.add_argument("--format", required=True, metavar="FORMAT", help="hf (a transformers folder) or gguf (llama.cpp)")
+    p.add_argument("--quant", action="append", default=None, metavar="Q",
+                   help="gguf: f32, f16, bf16, q8_0, q5_k_m or q4_k_m; repeat for several (default f16)")
+    p.add_argument("-o", "--out", default=None, metavar="DIR",
+                   help="output folder (default: runs/<name>/export/hf or runs/<name>/export/gguf)")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the export back and comparing it")
+    p.add_argument("--allow-code", action="store_true", help=ALLOW_CODE_HELP)
+    p.set_defaults(func=_export)
 
     from fledge.data.commands import register as register_data_commands
     register_data_commands(verbs)
@@ -323,6 +340,18 @@ def _merge(args) -> int:
     folder = merge(args.run, args.out, allow_code=args.allow_code)
     print(f"{folder}: full weights with the run's tokenizer and template; they load with fledge sample/chat, "
           f"transformers' AutoModelForCausalLM.from_pretrained, and as model.base of another fine-tune")
+    return 0
+
+
+def _export(args) -> int:
+    from fledge.errors import ExportError
+    from fledge.export import export
+    if args.quant and args.format != "gguf":
+        raise ExportError(f"--quant applies to --format gguf; --format {args.format} writes the weights as trained.")
+    result = export(args.run, args.format, quant=args.quant or ["f16"], out=args.out, verify=not args.no_verify,
+                    allow_code=args.allow_code, say=lambda line: print(line, flush=True))
+    print(f"wrote {result.out}" + "".join(f"\n  {p.name}" for p in result.files if p != result.out)
+          + ("" if not args.no_verify else "\n(not verified: --no-verify)"))
     return 0
 
 
