@@ -15,7 +15,11 @@ Which llama.cpp tokenizer each kind of folder becomes:
   pre-tokenizer instead: ByteLevel with its own (GPT-2) regex -> "gpt-2"; Split with Qwen2's
   regex -> "qwen2"; Split with Llama 3's regex -> "llama-bpe" (merges ignored for whole-word
   tokens, as tokenizer.json's `ignore_merges` says) or "smaug-bpe" (same regex, merges applied).
-  Any other pre-tokenizer, normalizer or model option is refused with ExportError.
+  Any other pre-tokenizer, normalizer or model option is refused with ExportError. The pattern is
+  the one transformers actually uses for the folder (`AutoTokenizer.from_pretrained`), which for
+  some model types is not tokenizer.json's: transformers 5 builds every qwen2 tokenizer with
+  Qwen2's pattern and NFC whatever tokenizer.json says (measured: fledge's bpe in a qwen2 model
+  splits "123" into 1, 2, 3 there; with "gpt-2" llama.cpp kept " 1" 2 3 together).
 - SentencePiece `tokenizer.model` (fledge's sentencepiece, Llama 2 style): model "llama" with
   the pieces, scores and types (byte pieces <0xXX> are BYTE), `add_space_prefix` from the
   model's dummy prefix (fledge's has none). llama.cpp's SentencePiece tokenizer neither
@@ -278,7 +282,32 @@ def _byte_level_pre(tokenizer_json: dict, folder: Path) -> str:
     return name
 
 
+def _as_transformers_loads(tokenizer_json: dict, folder: Path) -> dict:
+    """tokenizer.json with the normalizer, pre-tokenizer and ignore_merges of the tokenizer that
+    `AutoTokenizer.from_pretrained(folder)` builds: what fledge and transformers encode with. For some
+    model types transformers 5 ignores the file's pipeline (Qwen2Tokenizer always splits with Qwen2's
+    pattern and NFC-normalizes), so a qwen2 model with a GPT-2-style tokenizer.json tokenizes digits
+    one by one there; the GGUF must do the same. Without a config.json or transformers, or when
+    transformers cannot load the folder: the file."""
+    if not (folder / "config.json").is_file():
+        return tokenizer_json
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return tokenizer_json
+    try:
+        backend = AutoTokenizer.from_pretrained(folder, local_files_only=True).backend_tokenizer
+        loaded = json.loads(backend.to_str())
+    except Exception:   # transformers raises many kinds: the file's own checks below say what is wrong
+        return tokenizer_json
+    model = {**tokenizer_json["model"], "ignore_merges": (loaded.get("model") or {}).get(
+        "ignore_merges", tokenizer_json["model"].get("ignore_merges", False))}
+    return {**tokenizer_json, "normalizer": loaded.get("normalizer"), "pre_tokenizer": loaded.get("pre_tokenizer"),
+            "model": model}
+
+
 def _byte_level_vocab(tokenizer_json: dict, folder: Path) -> _Vocab:
+    tokenizer_json = _as_transformers_loads(tokenizer_json, folder)
     model = tokenizer_json["model"]
     normalizer = tokenizer_json.get("normalizer")
     # NFC (Qwen2) is left out as llama.cpp's converter leaves it: it only changes text that is not NFC

@@ -247,7 +247,10 @@ def test_llama_cpp_gives_transformers_logits_for_an_f32_file(folders, family, tm
     result = write_gguf(folder, tmp_path / "m.gguf", "f32", say=lambda line: None)
     ours = reference_logits(folder, ids).numpy()
     theirs = llama_cpp_logits(result.path, ids)
-    assert len(ids) >= 48 and np.abs(theirs - ours).max() < 5e-3
+    assert ours[0].std() > 0.1 and ours[0].argmax() != ours[0].argmin()     # the first step says something
+    # llama.cpp's default f16 KV cache alone: gemma (embeddings scaled by sqrt(256) = 16, so larger
+    # keys and values) measured 1.1e-2 once BOS had a trained embedding, the others under 5e-3
+    assert len(ids) >= 48 and np.abs(theirs - ours).max() < (2e-2 if family == "gemma" else 5e-3)
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
     # With a float32 cache only llama.cpp's arithmetic differs: measured at most 8e-6 with SiLU, and
     # 5.8e-4 (gemma) and 3.6e-4 (gpt2) with GELU, which ggml computes from an f16 table on CPU.

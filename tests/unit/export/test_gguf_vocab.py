@@ -124,7 +124,9 @@ def byte_level_folder(root: Path, name: str, regex: str | None, *, ignore_merges
     (folder / "chat_template.jinja").write_text(get_template("chatml").source)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.token_to_id("<|im_end|>"),
                                                                                  tok.token_to_id("<|endoftext|>")]}))
-    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": tok.get_vocab_size()}))
+    # transformers builds every qwen2 tokenizer with Qwen2's own pattern: only the Qwen2 one says qwen2
+    model_type = "qwen2" if regex == QWEN2 else "llama"
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": tok.get_vocab_size()}))
     tok.encode_special_tokens = True        # the reference: special-token text typed in text stays text
     return folder, tok
 
@@ -336,12 +338,13 @@ def _edit_tokenizer_json(built, kind: str, tmp_path: Path, edit) -> Path:
     ("bpe", lambda d: d["pre_tokenizer"].update(add_prefix_space=True), "adds a space"),
     ("bpe", lambda d: d["pre_tokenizer"].update(use_regex=False), "does not split words"),
     ("bpe", lambda d: d.update(normalizer={"type": "Lowercase"}), "normalizes text first (Lowercase)"),
-    ("qwen2", lambda d: d["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\w+|\s+"),
+    # (not the qwen2 folder: transformers builds a qwen2 tokenizer with Qwen2's pattern whatever the file says)
+    ("llama3-merging", lambda d: d["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\w+|\s+"),
      "split pattern"),
-    ("qwen2", lambda d: d["model"].update(ignore_merges=True), "ignore_merges"),
+    ("bpe", lambda d: d["model"].update(ignore_merges=True), "ignore_merges"),
     ("sentencepiece-json", lambda d: d.update(normalizer={"type": "NFKC"}), "normalizes text (NFKC)"),
     ("char", lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "not fledge's char tokenizer"),
-], ids=["whitespace", "prefix-space", "no-regex", "lowercase", "other-regex", "qwen2-ignore-merges", "nfkc", "words"])
+], ids=["whitespace", "prefix-space", "no-regex", "lowercase", "other-regex", "ignore-merges", "nfkc", "words"])
 def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(built, tmp_path, kind, edit, words):
     message = _refusal(_edit_tokenizer_json(built, kind, tmp_path, edit), tmp_path)
     assert words in message and "llama.cpp would tokenize text differently" in message
@@ -501,3 +504,23 @@ def test_add_bos_puts_bos_first_when_llama_cpp_adds_special_tokens(built, llama)
         _, _, info, encode = built[kind]
         assert llama[kind].tokenize(b"3 pigs", add_bos=True) == [info.bos] + encode("3 pigs")
     assert llama["qwen2"].tokenize(b"3 pigs", add_bos=True) == built["qwen2"][3]("3 pigs")
+
+
+def test_a_qwen2_model_with_fledges_bpe_tokenizes_as_transformers_loads_it(built, tmp_path):
+    """transformers 5 builds a qwen2 folder's tokenizer with Qwen2's pattern (digits one by one) and
+    NFC whatever tokenizer.json says; fledge encodes with that tokenizer, so the GGUF must too: pre
+    "qwen2", not the "gpt-2" of the file (which gave [355, 20, ...] for [222, 18, 19, 20] before)."""
+    from transformers import AutoTokenizer
+    folder = tmp_path / "bpe-in-qwen2"
+    shutil.copytree(built["bpe"][0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
+    info = vocab_gguf(folder, tmp_path / "bpe-in-qwen2.gguf")
+    assert (info.model, info.pre) == ("gpt2", "qwen2")
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert tok.encode("123", add_special_tokens=False) == [tok.convert_tokens_to_ids(c) for c in "123"]
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(tmp_path / "bpe-in-qwen2.gguf"), vocab_only=True, verbose=False)
+    texts = [t for t in SAMPLE if unicodedata.normalize("NFC", t) == t]
+    bad = _mismatches(llm, lambda text: tok.encode(text, add_special_tokens=False, split_special_tokens=True), texts)
+    assert not bad, f"{len(bad)} of {len(texts)} strings differ, first: {bad[0]}"

@@ -162,3 +162,21 @@ def test_a_file_llama_cpp_cannot_load_is_one_export_error(model, tmp_path):
     with pytest.raises(ExportError, match="llama.cpp could not load the file") as e:
         verify_gguf(broken, folder, TEXTS, quant="f32", pytorch=reference)
     assert "\n" not in str(e.value)
+
+
+def test_a_char_model_passes_with_one_unk_per_run_of_unseen_characters(model, tmp_path_factory, tmp_path):
+    """fledge's char tokenizer as a unigram GGUF: llama.cpp makes a run of unseen characters one <unk>
+    ("— Привет": fledge [2, 2, 2, 2], llama.cpp [4, 2, 4, 2] from "—" on). Verification compares the
+    samples reduced to known characters exactly, the rest with one <unk> per run, and says so."""
+    from fledge.export.verify import SAMPLES
+    _, _, write_gguf = model
+    folder = fledge_gpt(tmp_path_factory.mktemp("verify-char"), kind="char")
+    path = write_gguf(folder, tmp_path / "m-f32.gguf", "f32", say=lambda _: None).path
+    check = verify_gguf(path, folder, TEXTS, quant="f32")
+    assert check.ok, check.problems
+    assert check.tokenization_samples > len(SAMPLES) + len(TEXTS)       # the reduced samples come first
+    assert check.first_logit_diff < 5e-3 and check.argmax_agreement == 1.0
+    assert any("one <unk> per character" in n for n in check.notes) and any(line.startswith("note: char tokenizer")
+                                                                           for line in check.lines())
+    from fledge.export.verify import _one_unk_per_run
+    assert _one_unk_per_run([5, 2, 2, 2, 4, 2, 2, 7, 2], 2) == [5, 2, 4, 2, 7, 2]

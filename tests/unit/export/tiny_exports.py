@@ -82,8 +82,10 @@ def transformers_model(root: Path, family: str, *, steps: int = 40) -> Path:
     if folder.is_dir():
         return folder
     tok, _ = tokenizer(root, "bpe")
+    # no pad_token_id: fledge's tokenizer pads with BOS, and transformers would make BOS the embedding's
+    # padding_idx (a zero row that never trains): every first-step logit 0, proving nothing
     special = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                   pad_token_id=tok.pad_token_id)
+                   pad_token_id=None)
     if family == "gpt2":
         config = AutoConfig.for_model("gpt2", n_embd=WIDTH, n_layer=2, n_head=4, n_positions=256, **special)
     else:
