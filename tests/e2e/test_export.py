@@ -1,5 +1,7 @@
 """`fledge export` through the real CLI, on runs the CLI trained: a tiny fledge pretraining run (bpe) and
-a LoRA fine-tune (chatml) of a briefly trained tiny transformers llama. The transformers folder loads
+LoRA fine-tunes (chatml) of briefly trained tiny transformers llama, qwen2 and gpt2 models, merged by
+the export. q8_0 and q4_k_m load with their perplexity ratio; a K-quant on misaligned rows names its
+fallbacks. The transformers folder loads
 offline and gives the run's logits (compared here, independently of export's own check) and the run's
 chat prompt; the f32 GGUF verifies in llama.cpp on the run's validation data, with a Modelfile beside
 it. Bad input (an unknown quantization or format, a run without a checkpoint, an architecture
@@ -59,21 +61,26 @@ def work(tmp_path_factory) -> Path:
         "  eval_every: 20\n  eval_batches: 2\n  threads: 1\n  device: cpu\n  precision: fp32\n")
     done = fledge(work, "train", "base.yaml", "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
-    torch.manual_seed(0)
-    base = transformers_model(work, "llama")          # 256 wide, bpe with chatml's tokens, trained briefly
     rows = [{"messages": [{"role": "user", "content": f"How many stones did the {ANIMALS[i % 7]} see?"},
                           {"role": "assistant", "content": f"The {ANIMALS[i % 7]} saw {i % 13} stones."}]}
             for i in range(40)]
     (work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (work / "lora.yaml").write_text(
-        f"name: lora\nmodel:\n  base: {base.name}\ndata:\n  rows: [{{path: rows.jsonl, format: chat}}]\n"
-        "  val_fraction: 0.2\ntemplate:\n  name: chatml\n  system: Answer briefly.\nfinetune:\n  method: lora\n"
-        "train:\n  max_steps: 20\n  batch_size: 4\n  block_size: 128\n  lr: 3.0e-3\n  warmup_steps: 2\n"
-        "  eval_every: 10\n  eval_batches: 2\n  threads: 1\n  device: cpu\n  precision: fp32\n"
-        "sample:\n  prompts: []\n  temperature: 0.0\n  max_new_tokens: 20\n")
-    done = fledge(work, "train", "lora.yaml", "--quiet")
-    assert done.returncode == 0, done.stderr[-3000:]
+    for name, family in LORA_RUNS.items():
+        torch.manual_seed(0)
+        base = transformers_model(work, family)       # 256 wide, bpe with chatml's tokens, trained briefly
+        (work / f"{name}.yaml").write_text(
+            f"name: {name}\nmodel:\n  base: {base.name}\ndata:\n  rows: [{{path: rows.jsonl, format: chat}}]\n"
+            "  val_fraction: 0.2\ntemplate:\n  name: chatml\n  system: Answer briefly.\nfinetune:\n  method: lora\n"
+            "train:\n  max_steps: 20\n  batch_size: 4\n  block_size: 128\n  lr: 3.0e-3\n  warmup_steps: 2\n"
+            "  eval_every: 10\n  eval_batches: 2\n  threads: 1\n  device: cpu\n  precision: fp32\n"
+            "sample:\n  prompts: []\n  temperature: 0.0\n  max_new_tokens: 20\n")
+        done = fledge(work, "train", f"{name}.yaml", "--quiet")
+        assert done.returncode == 0, done.stderr[-3000:]
     return work
+
+
+# LoRA fine-tunes of briefly trained tiny transformers models (256 wide), merged by the export.
+LORA_RUNS = {"lora": "llama", "lora-qwen2": "qwen2", "lora-gpt2": "gpt2"}
 
 
 @pytest.mark.parametrize("run", ["base", "lora"])
@@ -106,7 +113,7 @@ def test_the_transformers_folder_reloads_with_the_runs_logits_ids_and_prompt(wor
     assert "validation" in record["held_out"]
 
 
-@pytest.mark.parametrize("run", ["base", "lora"])
+@pytest.mark.parametrize("run", ["base", *LORA_RUNS])
 def test_the_f32_gguf_verifies_in_llama_cpp_with_a_modelfile_beside(work, run):
     pytest.importorskip("llama_cpp")
     done = fledge(work, "export", f"runs/{run}", "--format", "gguf", "--quant", "f32")
@@ -121,9 +128,32 @@ def test_the_f32_gguf_verifies_in_llama_cpp_with_a_modelfile_beside(work, run):
     assert check["problems"] == [] and check["first_logit_diff"] < 5e-3 and check["argmax_agreement"] == 1.0
     assert check["tokenization_samples"] >= 8
     assert "validation" in record["held_out"]
-    if run == "lora":
+    if run in LORA_RUNS:
         assert check["chat"]["Jinja (llama-cpp-python, llama-server --jinja)"] == "equal"
         assert 'SYSTEM "Answer briefly."' in modelfile and "PARAMETER stop <|im_end|>" in modelfile
+
+
+def test_quantized_files_load_and_report_their_perplexity_ratio_and_fallbacks(work):
+    """q8_0 and q4_k_m of the 256-wide LoRA run load in llama.cpp with a perplexity ratio against f16 and
+    no fallback; the 64-wide fledge run's q4_k_m is written, but each matrix llama.cpp could not make
+    Q4_K is named, never silently labelled Q4_K_M."""
+    pytest.importorskip("llama_cpp")
+    done = fledge(work, "export", "runs/lora", "--format", "gguf", "--quant", "q8_0", "--quant", "q4_k_m",
+                  "-o", "quant-lora")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads((work / "quant-lora" / "export.json").read_text())
+    checks = {c["quant"]: c for c in record["verification"]}
+    assert set(checks) == {"q8_0", "q4_k_m"}
+    for quant, check in checks.items():
+        assert check["problems"] == [], (quant, check["problems"])
+        assert check["f16_perplexity"] and 0.9 < check["perplexity_ratio"] < 1.1 and check["argmax_agreement"] > 0.8
+    assert "fell back" not in done.stdout
+    done = fledge(work, "export", "runs/base", "--format", "gguf", "--quant", "q4_k_m", "-o", "quant-base")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "not Q4_K_M although the file is labelled Q4_K_M" in done.stdout
+    assert "rows of 64 are not a multiple of 256" in done.stdout
+    (result,) = json.loads((work / "quant-base" / "export.json").read_text())["gguf"]
+    assert result["fallbacks"] and all("instead of" in line for line in result["fallbacks"])
 
 
 def test_bad_input_is_one_line(work, tmp_path):
