@@ -366,7 +366,9 @@ def summary_section(run: Run) -> str:
                                          f"step {best['step']}"))
     if run.best:
         best_val = _number(run.best.get("val_loss"))
-        items.append(("best checkpoint", f"{run.best.get('checkpoint')} (val loss {best_val})"))
+        metric = run.best.get("select_by") or "val_loss"
+        chosen = "" if metric == "val_loss" else f"chosen by {metric} {_number(run.best.get('value'))}; "
+        items.append(("best checkpoint", f"{run.best.get('checkpoint')} ({chosen}val loss {best_val})"))
     elapsed = [r["elapsed_s"] for r in run.steps + run.validations if isinstance(r.get("elapsed_s"), (int, float))]
     if elapsed:
         items.append(("training time", _duration(max(elapsed))))

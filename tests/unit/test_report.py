@@ -291,3 +291,16 @@ def test_a_plot_without_points_says_so(tmp_path):
     plot = Plot("empty", "Nothing", "step", "loss", [Series("train", [(1, float("nan"))])])
     assert "nothing logged yet" in plot_svg(plot)
     assert write_png(plot, tmp_path / "empty.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_best_checkpoint_says_which_metric_chose_it(tmp_path):
+    """train.select_by: the summary names the metric and its value beside the val loss."""
+    run = fake_run(tmp_path, ROWS)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "best.json").write_text(json.dumps(
+        {"checkpoint": "step-000008", "select_by": "json", "value": 0.75, "val_loss": 1.25}))
+    page = write_report(run).read_text(encoding="utf-8")
+    assert "step-000008 (chosen by json 0.75; val loss 1.25)" in page
+    (run / "checkpoints" / "best.json").write_text(json.dumps(
+        {"checkpoint": "step-000012", "select_by": "val_loss", "value": 1.0, "val_loss": 1.0}))
+    assert "step-000012 (val loss 1)" in write_report(run).read_text(encoding="utf-8")
