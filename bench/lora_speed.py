@@ -42,11 +42,14 @@ def fledge(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "fledge", *args], check=True, env=env, cwd=REPO)
 
 
-def train_base(steps: int) -> Path:
-    run = OUT / "base"
+def train_base(steps: int, overrides: list[str]) -> Path:
+    """recipes/persona-base.yaml trained `steps` steps (with `overrides`, e.g. model.dim=512), once."""
+    run = OUT / ("base" if not overrides else "base-" + "-".join(o.split(".")[-1].replace("=", "") for o in overrides))
     if not (run / "checkpoints").is_dir():
+        extra = [flag for o in overrides for flag in ("--set", o)]
         fledge("train", "recipes/persona-base.yaml", "--quiet", "--set", f"run_dir={run}",
-               "--set", f"train.max_steps={steps}", "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0")
+               "--set", f"train.max_steps={steps}", "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0",
+               *extra)
     return run
 
 
@@ -59,7 +62,7 @@ def recipe_dict(base: Path, rows: Path, args, batch_size: int) -> dict:
         "finetune": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
                      "lora_targets": TARGETS, "max_length": args.max_length, "on_too_long": "drop"},
         "train": {"epochs": 1, "batch_size": batch_size, "block_size": args.block_size, "lr": 2e-4,
-                  "min_lr": 2e-5, "warmup_steps": 10, "weight_decay": 0.0, "grad_clip": 1.0, "precision": "fp32",
+                  "min_lr": 2e-5, "warmup_steps": 10, "weight_decay": 0.0, "grad_clip": 1.0, "precision": args.precision,
                   "eval_every": 0, "checkpoint_every": 0, "log_every": 10, "seed": 1},
         "sample": {"prompts": []},
     }
@@ -97,13 +100,16 @@ def run_trainer(base_checkpoint: Path, train_rows, val_rows, tokenizer, args) ->
     training = TrainingArguments(
         output_dir=str(OUT / "hf-trainer"), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
         learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.0, max_grad_norm=1.0,
-        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=1)
+        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=1,
+        bf16=args.precision == "bf16")           # autocast to bfloat16, as fledge's precision: bf16
     trainer = Trainer(model=model, args=training, train_dataset=data,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "val_loss": token_weighted_loss(model, val_rows)}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):   # as fledge evaluates
+        val_loss = token_weighted_loss(model, val_rows)
+    return {"seconds": seconds, "val_loss": val_loss}
 
 
 @torch.no_grad()
@@ -123,12 +129,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="", help="a fledge run folder to start from (default: train one)")
     parser.add_argument("--base-steps", type=int, default=300, help="steps of the base trained when --base is not given")
+    parser.add_argument("--base-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for that base, e.g. model.dim=512 (repeatable)")
     parser.add_argument("--rows", default=str(ROWS))
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step (fledge: packed sequences holding "
                                                                  "about as many rows)")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="both sides: float32, or bfloat16 autocast (fast only on CPUs with native bf16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -139,7 +149,7 @@ def main() -> None:
     from fledge.templates import get_template, set_pad_token
     from fledge.train.rows import build_row_batches
 
-    base = Path(args.base) if args.base else train_base(args.base_steps)
+    base = Path(args.base) if args.base else train_base(args.base_steps, args.base_set)
     checkpoint = resolve_checkpoint(base)
     recipe = load_recipe(base=recipe_dict(checkpoint, Path(args.rows), args, args.batch_size))
     loaded, resolved = load_base(recipe, "cpu")
@@ -160,7 +170,7 @@ def main() -> None:
     report = {
         "cpu": {k: v for k, v in env.items() if "cpu" in k.lower() or "bf16" in k.lower() or k == "torch"},
         "rows": args.rows, "train_rows": len(batches.train_rows), "val_rows": len(batches.val_rows),
-        "trained_tokens_per_epoch": trained, "threads": args.threads,
+        "trained_tokens_per_epoch": trained, "threads": args.threads, "precision": args.precision,
         "rows_per_step": {"fledge": round(fledge_batch * rows_per_sequence, 1), "trainer": args.batch_size},
         "fledge_sequences_per_step": fledge_batch, "block_size": args.block_size,
         "fledge": {**ours, "trained_tokens_per_s": trained / ours["seconds"]},
@@ -168,7 +178,7 @@ def main() -> None:
     }
     report["speedup"] = report["fledge"]["trained_tokens_per_s"] / report["trainer"]["trained_tokens_per_s"]
     print(json.dumps(report, indent=2, default=str))
-    (OUT / "result.json").write_text(json.dumps(report, indent=2, default=str))
+    (OUT / f"result-{args.precision}.json").write_text(json.dumps(report, indent=2, default=str))
     if not math.isfinite(report["fledge"]["val_loss"] or math.nan):
         print("fledge's val loss is missing: was the validation split empty?")
 
