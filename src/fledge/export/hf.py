@@ -80,4 +80,9 @@ def _with_special_ids(hf_config: dict, tokenizer) -> dict:
                        ("pad_token_id", tokenizer.pad_token_id)):
         if config.get(key) is None and value is not None:
             config[key] = value
+    if config.get("pad_token_id") is not None and config["pad_token_id"] == config.get("bos_token_id"):
+        # A bpe tokenizer pads with BOS; transformers makes config.pad_token_id the embedding's padding_idx,
+        # whose row never trains, so BOS's would freeze in a later fine-tune. The tokenizer and
+        # generation_config.json still name the pad.
+        del config["pad_token_id"]
     return config

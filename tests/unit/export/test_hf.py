@@ -67,6 +67,9 @@ def test_a_fledge_folder_loads_in_transformers_with_the_same_logits_ids_and_temp
     stops = stop_token_ids(tok, "chatml")
     assert generation.eos_token_id == stops and tok.convert_tokens_to_ids("<|im_end|>") in stops
     assert generation.bos_token_id == tok.bos_token_id and generation.pad_token_id == tok.pad_token_id
+    # padding with BOS (bpe) must not make BOS transformers' padding_idx, a row that never trains
+    padding_idx = theirs.get_input_embeddings().padding_idx
+    assert padding_idx != tok.bos_token_id and (padding_idx is None or padding_idx == tok.pad_token_id)
 
 
 def test_a_transformers_model_folder_loads_back_with_the_same_logits(tmp_path):
