@@ -57,7 +57,8 @@ def recipe_dict(base: Path, rows: Path, args, batch_size: int) -> dict:
     return {
         "name": "lora-bench", "run_dir": str(OUT / "fledge-lora"),
         "model": {"base": str(base)},
-        "data": {"rows": [str(rows)], "val_fraction": 0.1, "on_bad_row": "skip"},
+        "data": {"rows": [{"path": str(rows), "input_field": args.input_field, "output_field": args.output_field}],
+                 "val_fraction": 0.1, "on_bad_row": "skip"},
         "template": {"name": "plain"},
         "finetune": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
                      "lora_targets": TARGETS, "max_length": args.max_length, "on_too_long": "drop"},
@@ -132,6 +133,8 @@ def main() -> None:
     parser.add_argument("--base-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for that base, e.g. model.dim=512 (repeatable)")
     parser.add_argument("--rows", default=str(ROWS))
+    parser.add_argument("--input-field", default="", help="the rows' prompt field when not detected (DOT: input_code)")
+    parser.add_argument("--output-field", default="", help="the rows' answer field when not detected (DOT: output_dot)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step (fledge: packed sequences holding "
                                                                  "about as many rows)")
     parser.add_argument("--block-size", type=int, default=256)

@@ -117,10 +117,49 @@ def causal_attention_math(q, k, v, dropout: float, bias=None):
     return probs @ v                                                                    # (B, n_heads, T, head_dim)
 
 
+# Packed sequences at least this long attend document by document (`document_runs`) instead of
+# through one (T, T) mask: the mask computes every cross-document score only to discard it, most of
+# a step's work for long rows (user 3's DOT rows packed into 2,048 tokens: docs/benchmarks.md).
+RUNS_FROM_LENGTH = 512
+
+
+def document_runs(document_ids) -> list[list[tuple[int, int]]] | None:
+    """Each batch row's runs of equal document ids as (start, end) pairs, when every document is one
+    contiguous run (as packing lays rows out); None when some document id recurs after another's."""
+    B, T = document_ids.shape
+    change = (document_ids[:, 1:] != document_ids[:, :-1]).nonzero().tolist()     # [(row, t)]: t+1 starts a run
+    starts: list[list[int]] = [[0] for _ in range(B)]
+    for row, t in change:
+        starts[row].append(t + 1)
+    runs = [list(zip(row, row[1:] + [T])) for row in starts]
+    distinct = [len(set(ids)) for ids in document_ids.tolist()]
+    if any(len(r) != n for r, n in zip(runs, distinct)):
+        return None
+    return runs
+
+
+def packed_attention_bias(document_ids, dtype: torch.dtype):
+    """What `attend` takes for packed sequences: their document runs when long and laid out as
+    packing does, else the additive mask of `document_mask`."""
+    if document_ids.shape[1] >= RUNS_FROM_LENGTH:
+        runs = document_runs(document_ids)
+        if runs is not None:
+            return runs
+    return document_mask(document_ids, dtype)
+
+
+def _causal(q, k, v, dropout: float, gqa: bool):
+    """Plain causal self-attention (no cache, no mask) with the fastest kernel for the case."""
+    if q.device.type == "cpu" and q.dtype != torch.float32 and q.shape[2] <= 512 and not gqa:
+        return causal_attention_math(q, k, v, dropout)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=dropout)
+
+
 def attend(q, k, v, bias, dropout: float):
     """Causal attention with the fastest kernel for the case. q: (B, n_heads, T, head_dim); k, v:
-    (B, n_kv_heads, S, head_dim), S > T when a KV cache holds earlier tokens; bias: None (causal)
-    or an additive (B, 1, T, T) mask from `document_mask` (never with a cache)."""
+    (B, n_kv_heads, S, head_dim), S > T when a KV cache holds earlier tokens; bias: None (causal),
+    an additive (B, 1, T, T) mask from `document_mask`, or each row's document runs from
+    `document_runs` (each run attends causally within itself); never a mask with a cache."""
     T, S = q.shape[2], k.shape[2]
     gqa = k.shape[1] != q.shape[1]
     if S != T and T == 1:                              # decoding: attend to everything cached
@@ -128,10 +167,13 @@ def attend(q, k, v, bias, dropout: float):
     if S != T:                                         # prefill after cached tokens: offset causal mask
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if isinstance(bias, list):                         # packed documents, one causal attention each
+        return torch.cat([torch.cat([_causal(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], dropout, gqa)
+                                     for s, e in runs], dim=2) for b, runs in enumerate(bias)], dim=0)
+    if bias is None:
+        return _causal(q, k, v, dropout, gqa)
     if q.device.type == "cpu" and q.dtype != torch.float32 and T <= 512 and not gqa:
         return causal_attention_math(q, k, v, dropout, bias)
-    if bias is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=dropout)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa, dropout_p=dropout)
 
 
@@ -242,7 +284,7 @@ class GPT(nn.Module):
         dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled(input_ids.device.type) \
             else self.model.embed_tokens.weight.dtype
         cos, sin = self.rotary(start, T, dtype, position_ids)
-        bias = None if document_ids is None else document_mask(document_ids, dtype)   # (B, 1, T, T)
+        bias = None if document_ids is None else packed_attention_bias(document_ids, dtype)
         x = self.model.embed_tokens(input_ids)                  # (B, T, dim)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, cache, i, bias)

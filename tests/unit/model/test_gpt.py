@@ -246,3 +246,35 @@ def test_packed_sequences_refuse_a_cache_and_positions_past_max_seq_len():
         model(idx, cache=KVCache(model, 1, 8, idx.device), document_ids=torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(idx, position_ids=torch.tensor([[0, 1, 2, 64]]))
+
+
+def test_long_packed_sequences_attend_document_by_document_with_the_masks_results(monkeypatch):
+    """At RUNS_FROM_LENGTH and beyond, packed rows attend run by run (no (T, T) mask): the same logits and
+    gradients as the mask, fp32 and bf16; padding after the rows is a run of its own; documents that are
+    not contiguous runs fall back to the mask."""
+    import fledge.model.gpt as gpt
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, n_layers=2, n_heads=4, n_kv_heads=2, dim=32, max_seq_len=128))
+    lengths = [[50, 30, 20, 28], [70, 58]]
+    docs = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in lengths])
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+    ids = torch.randint(0, 97, (2, 128))
+    labels = ids.roll(-1, 1)
+    assert gpt.document_runs(docs) == [[(0, 50), (50, 80), (80, 100), (100, 128)], [(0, 70), (70, 128)]]
+    assert gpt.document_runs(torch.tensor([[0, 0, 1, 0]])) is None            # document 0 split in two
+    results = {}
+    for threshold in (10 ** 6, 128):
+        monkeypatch.setattr(gpt, "RUNS_FROM_LENGTH", threshold)
+        assert isinstance(gpt.packed_attention_bias(docs, torch.float32), list) == (threshold == 128)
+        logits, loss = model(ids, labels, reduction="sum", position_ids=positions, document_ids=docs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, _ = model(ids, position_ids=positions, document_ids=docs)
+        results[threshold] = logits, torch.autograd.grad(loss, list(model.parameters())), low.float()
+    (mask, mask_grads, mask_bf16), (runs, runs_grads, runs_bf16) = results[10 ** 6], results[128]
+    torch.testing.assert_close(runs, mask, atol=1e-5, rtol=1e-5)
+    for a, b in zip(runs_grads, mask_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(runs_bf16, mask_bf16, atol=0.1, rtol=0.05)
+    scattered = torch.tensor([[0, 1] * 64, [0] * 128])                        # not runs: the mask, still right
+    monkeypatch.setattr(gpt, "RUNS_FROM_LENGTH", 128)
+    assert not isinstance(gpt.packed_attention_bias(scattered, torch.float32), list)
