@@ -135,6 +135,20 @@ def replace_folder(new: str | Path, target: str | Path, old: str | Path) -> None
     shutil.rmtree(old, ignore_errors=True)
 
 
+def refuse_foreign_folder(target: str | Path, marker: str, did: str = "write it") -> None:
+    """CheckpointError unless `target` is new, empty, or holds `marker` (a folder fledge wrote and may
+    replace): fledge never writes into a folder it did not make. `did`: what fledge did not do there."""
+    from fledge.errors import CheckpointError
+    target = Path(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise CheckpointError(f"{target} exists and is not a folder; choose another output with -o DIR.")
+    if target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
+        names = sorted(p.name for p in target.iterdir())
+        raise CheckpointError(f"{target} exists and fledge did not {did} (no {marker}; it holds "
+                              f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}). Choose another output "
+                              f"with -o DIR, or move it away.")
+
+
 def remove_stale_temps(folder: str | Path, name: str = "*") -> list[Path]:
     """Remove temporary files this module left beside `name` in `folder` (after a kill)."""
     removed = []

@@ -34,7 +34,7 @@ import shutil
 from pathlib import Path
 
 from fledge.errors import CheckpointError, StorageError
-from fledge.files import replace_folder, storage_error, write_atomic
+from fledge.files import refuse_foreign_folder, replace_folder, storage_error, write_atomic
 from fledge.sample import (checkpoint_template, load_adapter_run, read_checkpoint, resolve_checkpoint,
                            verify_for_inference)
 from fledge.train.checkpoint import is_adapter_checkpoint
@@ -84,13 +84,7 @@ def _default_target(checkpoint: Path) -> Path:
 
 def _check_target(target: Path) -> None:
     """Refuse a destination that is not new, empty, or an earlier merge's."""
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise CheckpointError(f"{target} exists and is not a folder; choose another output with -o DIR.")
-    if target.is_dir() and any(target.iterdir()) and not (target / MARKER).is_file():
-        names = sorted(p.name for p in target.iterdir())
-        raise CheckpointError(f"{target} exists and fledge did not write it (no {MARKER}; it holds "
-                              f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}). Choose another output "
-                              f"with -o DIR, or move it away.")
+    refuse_foreign_folder(target, MARKER)
 
 
 def _write(target: Path, checkpoint: Path, merged, tokenizer, template, state: dict) -> None:

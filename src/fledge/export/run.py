@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Callable
 
 from fledge.errors import CheckpointError, DependencyError, ExportError, FledgeError
-from fledge.files import replace_folder, storage_error, write_atomic
+from fledge.files import refuse_foreign_folder, replace_folder, storage_error, write_atomic
 
 FORMATS = ("hf", "gguf")
 MARKER = ".fledge-export"        # {"fledge": "export", "from": <checkpoint>} in every folder export writes
@@ -188,13 +188,7 @@ def _default_target(checkpoint: Path, format: str) -> Path:
 
 def _check_target(target: Path) -> None:
     """Refuse a destination that is not new, empty, or an earlier export's."""
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise CheckpointError(f"{target} exists and is not a folder; choose another output with -o DIR.")
-    if target.is_dir() and any(target.iterdir()) and not (target / MARKER).is_file():
-        names = sorted(p.name for p in target.iterdir())
-        raise CheckpointError(f"{target} exists and fledge did not export into it (no {MARKER}; it holds "
-                              f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}). Choose another output "
-                              f"with -o DIR, or move it away.")
+    refuse_foreign_folder(target, MARKER, "export into it")
 
 
 def _mark(folder: Path, checkpoint: Path) -> None:
