@@ -149,6 +149,30 @@ def refuse_foreign_folder(target: str | Path, marker: str, did: str = "write it"
                               f"with -o DIR, or move it away.")
 
 
+def remove_own_folder(folder: str | Path, markers: tuple[str, ...], again: str) -> None:
+    """Remove a leftover staging or old folder of an earlier run of this command (it holds one of
+    `markers`); refuse anything else in the way (CheckpointError saying to move it and `again`)."""
+    from fledge.errors import CheckpointError
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not any((folder / m).is_file() for m in markers):
+        raise CheckpointError(f"{folder} is in the way and fledge did not write it; move it away and {again}.")
+    shutil.rmtree(folder)
+
+
+def swap_in_folder(folder: str | Path, target: str | Path, markers: tuple[str, ...], what: str, again: str) -> None:
+    """Rename the finished `folder` to `target` (`replace_folder`), an earlier `target` set aside
+    beside it first; StorageError naming `what` when the rename fails."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    remove_own_folder(old, markers, again)
+    try:
+        replace_folder(folder, target, old)
+    except OSError as e:
+        raise storage_error(e, target, f"rename the {what} folder to") from None
+
+
 def remove_stale_temps(folder: str | Path, name: str = "*") -> list[Path]:
     """Remove temporary files this module left beside `name` in `folder` (after a kill)."""
     removed = []

@@ -34,7 +34,7 @@ import shutil
 from pathlib import Path
 
 from fledge.errors import CheckpointError, StorageError
-from fledge.files import refuse_foreign_folder, replace_folder, storage_error, write_atomic
+from fledge.files import refuse_foreign_folder, remove_own_folder, storage_error, swap_in_folder, write_atomic
 from fledge.sample import (checkpoint_template, load_adapter_run, read_checkpoint, resolve_checkpoint,
                            verify_for_inference)
 from fledge.train.checkpoint import is_adapter_checkpoint
@@ -95,7 +95,7 @@ def _write(target: Path, checkpoint: Path, merged, tokenizer, template, state: d
     from fledge.model.bases import model_hf_config
     from fledge.train.checkpoint import save_checkpoint
     staging = target.with_name(f".{target.name}.merging")
-    _remove_ours(staging)
+    remove_own_folder(staging, (MARKER,), "merge again")
     marker = json.dumps({"fledge": "merged", "from": str(checkpoint)}) + "\n"
     try:
         staging.mkdir(parents=True)
@@ -115,26 +115,8 @@ def _write(target: Path, checkpoint: Path, merged, tokenizer, template, state: d
                                   (checkpoint / "recipe.yaml").read_text(encoding="utf-8"),
                                   fledge_tokenizer if fledge_tokenizer.is_file() else None, None, 1,
                                   extra_files=files)
-        _swap_in(written, target)
+        swap_in_folder(written, target, (MARKER,), "merged", "merge again")
     except StorageError as e:
         raise StorageError(f"{e} (while writing the merged folder {target}, which is unchanged)") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _swap_in(folder: Path, target: Path) -> None:
-    old = target.with_name(f".{target.name}.old")
-    _remove_ours(old)
-    try:
-        replace_folder(folder, target, old)
-    except OSError as e:
-        raise storage_error(e, target, "rename the merged folder to") from None
-
-
-def _remove_ours(folder: Path) -> None:
-    """Remove a leftover staging or old folder of an earlier merge; refuse anything else there."""
-    if not folder.exists() and not folder.is_symlink():
-        return
-    if folder.is_symlink() or not (folder / MARKER).is_file():
-        raise CheckpointError(f"{folder} is in the way and fledge did not write it; move it away and merge again.")
-    shutil.rmtree(folder)

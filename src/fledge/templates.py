@@ -555,15 +555,11 @@ def _proto_fields(buf: bytes) -> Iterator[tuple[int, Any]]:
             raise ValueError(f"protobuf wire type {wire}")
 
 
-def _sentencepiece_backend(data: bytes, origin: Path):
-    """A `tokenizers` Tokenizer that encodes like the SentencePiece model in `data`; and its unk piece.
-
-    Reads sentencepiece_model.proto fields by number: ModelProto 1 pieces (1 piece, 2 score,
-    3 type), 2 trainer_spec (3 model_type, 35 byte_fallback, 40 unk_id, 45 unk_piece),
-    3 normalizer_spec (2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces,
-    5 escape_whitespaces); absent fields take the proto2 defaults written below.
-    """
-    from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, normalizers
+def read_sentencepiece_model(data: bytes) -> tuple[list[tuple[str, float, int]], dict[int, Any], dict[int, Any]]:
+    """((piece, score, type) of every piece, trainer_spec, normalizer_spec) of a SentencePiece .model
+    file, read by protobuf field number without protobuf (the numbers: `_sentencepiece_backend`).
+    The specs map field numbers to values; absent fields are absent. Raises ValueError when `data`
+    is not such a file."""
     pieces: list[tuple[str, float, int]] = []
     trainer: dict[int, Any] = {}
     norm: dict[int, Any] = {}
@@ -576,7 +572,23 @@ def _sentencepiece_backend(data: bytes, origin: Path):
                 trainer = dict(_proto_fields(value))
             elif number == 3:
                 norm = dict(_proto_fields(value))
-    except (ValueError, KeyError, IndexError, UnicodeDecodeError, struct.error) as e:
+    except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError, struct.error) as e:
+        raise ValueError(str(e) or type(e).__name__) from None
+    return pieces, trainer, norm
+
+
+def _sentencepiece_backend(data: bytes, origin: Path):
+    """A `tokenizers` Tokenizer that encodes like the SentencePiece model in `data`; and its unk piece.
+
+    Reads sentencepiece_model.proto fields by number: ModelProto 1 pieces (1 piece, 2 score,
+    3 type), 2 trainer_spec (3 model_type, 35 byte_fallback, 40 unk_id, 45 unk_piece),
+    3 normalizer_spec (2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces,
+    5 escape_whitespaces); absent fields take the proto2 defaults written below.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, normalizers
+    try:
+        pieces, trainer, norm = read_sentencepiece_model(data)
+    except ValueError as e:
         raise TokenizerError(f"{origin}: not a readable SentencePiece model ({e}).") from None
     model_type, byte_fallback = trainer.get(3, 1), bool(trainer.get(35, 0))
     unk_id, unk = trainer.get(40, 0), trainer.get(45, b"<unk>").decode("utf-8")

@@ -16,6 +16,7 @@ about context.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -44,10 +45,16 @@ def _loss_only(model: torch.nn.Module) -> dict:
     """{"logits": False} when the model's forward can skip the output head where nothing is trained."""
     inner = model.module if hasattr(model, "module") and not hasattr(model, "get_base_model") else model
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return {"logits": False} if _takes_logits(type(inner).forward) else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_logits(forward) -> bool:
+    """Whether a forward function has the `logits` keyword (read once per class, not per micro-batch)."""
     try:
-        return {"logits": False} if "logits" in inspect.signature(inner.forward).parameters else {}
+        return "logits" in inspect.signature(forward).parameters
     except (TypeError, ValueError):
-        return {}
+        return False
 
 
 def summed_loss(model, batch: Batch, keyword: bool, n_targets: int | None = None) -> torch.Tensor:

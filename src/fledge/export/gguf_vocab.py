@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,22 +330,13 @@ def _byte_level_vocab(tokenizer_json: dict, folder: Path) -> _Vocab:
 # --- SentencePiece --------------------------------------------------------------------------------
 
 def _sentencepiece_model(data: bytes, path: Path) -> tuple[list[tuple[str, float, int]], dict, dict]:
-    """(piece, score, type) of every piece, the trainer spec and the normalizer spec of a .model file,
-    read by protobuf field number (see templates._sentencepiece_backend for the numbers)."""
-    from fledge.templates import _proto_fields
-    pieces, trainer, norm = [], {}, {}
+    """(piece, score, type) of every piece, the trainer spec and the normalizer spec of a .model file
+    (`templates.read_sentencepiece_model`)."""
+    from fledge.templates import read_sentencepiece_model
     try:
-        for number, value in _proto_fields(data):
-            if number == 1:
-                p = dict(_proto_fields(value))
-                pieces.append((p[1].decode("utf-8"), struct.unpack("<f", p.get(2, b"\0\0\0\0"))[0], p.get(3, NORMAL)))
-            elif number == 2:
-                trainer = dict(_proto_fields(value))
-            elif number == 3:
-                norm = dict(_proto_fields(value))
-    except (ValueError, KeyError, IndexError, UnicodeDecodeError, struct.error) as e:
+        return read_sentencepiece_model(data)
+    except ValueError as e:
         raise ExportError(f"{path}: not a readable SentencePiece model ({e}). Export the model again.") from None
-    return pieces, trainer, norm
 
 
 def _sentencepiece_vocab(path: Path, tokenizer_json: dict | None) -> _Vocab:

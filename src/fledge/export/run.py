@@ -49,10 +49,11 @@ from pathlib import Path
 from typing import Callable
 
 from fledge.errors import CheckpointError, DependencyError, ExportError, FledgeError
-from fledge.files import refuse_foreign_folder, replace_folder, storage_error, write_atomic
+from fledge.files import refuse_foreign_folder, remove_own_folder, storage_error, swap_in_folder, write_atomic
 
 FORMATS = ("hf", "gguf")
 MARKER = ".fledge-export"        # {"fledge": "export", "from": <checkpoint>} in every folder export writes
+OURS = (MARKER, ".fledge-merged")  # leftover folders of an export (its hf step merges through fledge.merge)
 HF_TOLERANCE = 1e-4              # max |logit difference| / max(1, max |logit|) of the transformers folder
 HELD_OUT_WINDOWS = 3             # of a pretraining run's validation tokens, each at most verify.MAX_TOKENS
 HELD_OUT_ROWS, HELD_OUT_TOKENS = 32, 1024     # of a fine-tune's validation rows, at most
@@ -286,30 +287,17 @@ def _publish_hf(checkpoint: Path, target: Path, texts: list[str], verify: bool, 
                 say: Callable[[str], object]) -> HFCheck | None:
     """Build the folder beside `target`, check it, and rename it into place."""
     staging = target.with_name(f".{target.name}.exporting")
-    _remove_ours(staging)
+    remove_own_folder(staging, OURS, "export again")
     try:
         build_hf_folder(checkpoint, staging, allow_code=allow_code)
         _mark(staging, checkpoint)
         check = verify_hf(staging, checkpoint, texts, allow_code=allow_code) if verify else None
         if check:
             say(check.line())
-        old = target.with_name(f".{target.name}.old")
-        _remove_ours(old)
-        try:
-            replace_folder(staging, target, old)
-        except OSError as e:
-            raise storage_error(e, target, "rename the exported folder to") from None
+        swap_in_folder(staging, target, OURS, "exported", "export again")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return check
-
-
-def _remove_ours(folder: Path) -> None:
-    if not folder.exists() and not folder.is_symlink():
-        return
-    if folder.is_symlink() or not any((folder / m).is_file() for m in (MARKER, ".fledge-merged")):
-        raise CheckpointError(f"{folder} is in the way and fledge did not write it; move it away and export again.")
-    shutil.rmtree(folder)
 
 
 def build_hf_folder(checkpoint: Path, folder: Path, *, allow_code: bool = False) -> Path:

@@ -24,7 +24,7 @@ from fledge.train import loop, train
 from fledge.train.checkpoint import TrainingState
 from fledge.train.distributed import Distributed
 from fledge.train.report import Reporter, read_metrics
-from tiny_runs import losses, make_recipe
+from tiny_runs import losses, make_recipe, rows_file
 
 EVAL = {"every": 4, "rows": 6, "validate": ["json"], "targets": {"json": 0.5, "ppl": 100}}
 
@@ -43,14 +43,6 @@ def base_run(root) -> Path:
     recipe = make_recipe(root, "base", max_steps=20, eval_every=10, checkpoint_every=10, log_every=10)
     train(recipe, progress=False)
     return recipe.run_path
-
-
-def rows_file(root: Path) -> Path:
-    path = root / "rows.jsonl"
-    if not path.exists():
-        path.write_text("".join(json.dumps({"input": f"{i} little pigs", "output": f"the {i % 7} wolves"}) + "\n"
-                                for i in range(80)))
-    return path
 
 
 def ft_recipe(root: Path, base: Path, name: str, *, eval: dict | None = None, **train_keys):

@@ -24,7 +24,7 @@ from fledge.tokenizer import find_tokenizer_file
 from fledge.train import checkpoint as ckpt
 from fledge.train import train
 from fledge.train.report import read_metrics
-from tiny_runs import changed, losses, make_recipe
+from tiny_runs import assert_same_tensors, changed, losses, make_recipe, rows_file
 
 METHODS = {"full": {}, "lora": {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1}, "qlora": {"lora_r": 4}}
 ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json"}
@@ -43,14 +43,6 @@ def base_run(tmp_path_factory) -> Path:
     recipe = make_recipe(root, "base", max_steps=20, eval_every=10, checkpoint_every=10, log_every=10)
     train(recipe, progress=False)
     return recipe.run_path
-
-
-def rows_file(root: Path) -> Path:
-    path = root / "rows.jsonl"
-    if not path.exists():
-        path.write_text("".join(json.dumps({"input": f"{i} little pigs", "output": f"the {i % 7} wolves"}) + "\n"
-                                for i in range(80)))
-    return path
 
 
 def ft_recipe(root: Path, base: Path, name: str, method: str = "lora", template: str = "chatml", *,
@@ -160,25 +152,10 @@ def test_a_killed_fine_tune_resumes_onto_the_uninterrupted_run(base_run, tmp_pat
         a, b = (run / "checkpoints" / f"step-{step:06d}" for run in (resumed.run_dir, whole.run_dir))
         for name, tensor in weights_of(b).items():
             assert torch.equal(weights_of(a)[name], tensor), (step, name)
-        assert_same_state(torch.load(a / "optimizer.pt", weights_only=True),
-                          torch.load(b / "optimizer.pt", weights_only=True))
+        assert_same_tensors(torch.load(a / "optimizer.pt", weights_only=True),
+                            torch.load(b / "optimizer.pt", weights_only=True))
         assert torch.equal(torch.load(a / "rng.pt", weights_only=True)["cpu"],
                            torch.load(b / "rng.pt", weights_only=True)["cpu"])
-
-
-def assert_same_state(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same_state(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}/{i}")
-    else:
-        assert a == b, where
 
 
 def test_adapters_refuse_a_base_that_changed_since(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ read what a run left behind.
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 from pathlib import Path
 
@@ -58,6 +59,15 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def optimizer_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "optimizer.pt", weights_only=True)
+
+
+def rows_file(root: Path) -> Path:
+    """root/rows.jsonl: 80 input/output rows ("3 little pigs" -> "the 3 wolves"), written once."""
+    path = root / "rows.jsonl"
+    if not path.exists():
+        path.write_text("".join(json.dumps({"input": f"{i} little pigs", "output": f"the {i % 7} wolves"}) + "\n"
+                                for i in range(80)))
+    return path
 
 
 def assert_same_tensors(a, b, where: str = "") -> None:
